@@ -1,0 +1,108 @@
+r"""Update rules: how a ZO gradient :math:`\hat g = \sum_k c_k z_k` changes the parameters.
+
+Each rule is per-tensor maths in the torch.optim functional style, applied chunk by chunk by an
+engine while the chunk's directions are in cache:
+
+* ``transform(grad)`` acts on the scalar coefficients (ZO-SGD-Sign keeps only their signs);
+* ``fused`` rules (SGD) are applied inside the sweep as :math:`\theta \mathrel{-}= \eta \sum_k c_k z_k`,
+  with no gradient buffer;
+* other rules receive the materialised gradient chunk ``g`` and their state slices and apply
+  :math:`\theta \mathrel{-}= \eta\, f(g, \text{state})` in place.
+
+Weight decay is decoupled and applied by the engine as :math:`\theta \leftarrow (1 - \eta\lambda)\theta`
+before the rule, only on tensors that are not biases or norm weights (as MeZO).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..plan import ZOGrad
+
+
+class SGD:
+    r"""ZO-SGD (MeZO): :math:`\theta \leftarrow \theta - \eta \hat g`. No state; fused into the sweep."""
+
+    name = "sgd"
+    fused = True
+    state_names: tuple[str, ...] = ()
+
+    def transform(self, grad: ZOGrad) -> ZOGrad:
+        return grad
+
+    def apply_chunk(self, x, g, state, lr, step):  # pragma: no cover - fused rules never get here
+        x.add_(g, alpha=-lr)
+
+
+class Sign(SGD):
+    r"""ZO-SGD-Sign as ZO-Bench defines it: :math:`\theta \leftarrow \theta - \eta\,\mathrm{sign}(c)\, z`.
+
+    The sign is of the scalar projected gradient, not elementwise: a normalised ZO-SGD
+    (Zhang et al., 2024, ZO-Bench). Fused; no state.
+    """
+
+    name = "sign"
+
+    def transform(self, grad: ZOGrad) -> ZOGrad:
+        return grad.map(lambda c: math.copysign(1.0, c) if c != 0 else 0.0)
+
+
+class Momentum:
+    r"""ZO-SGD with heavy-ball momentum (ZO-Bench's ZO-SGD-MMT, torch.optim.SGD semantics).
+
+    .. math:: b \leftarrow \mu b + \hat g, \qquad \theta \leftarrow \theta - \eta b
+
+    Memory: one fp32 buffer the size of the trainable parameters.
+    """
+
+    name = "momentum"
+    fused = False
+    state_names = ("momentum_buffer",)
+
+    def __init__(self, momentum: float = 0.9) -> None:
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        self.momentum = momentum
+
+    def transform(self, grad: ZOGrad) -> ZOGrad:
+        return grad
+
+    def apply_chunk(self, x, g, state, lr, step):
+        buf = state["momentum_buffer"]
+        buf.mul_(self.momentum).add_(g)
+        x.add_(buf.to(x.dtype), alpha=-lr)
+
+
+class Adam:
+    r"""ZO-Adam (ZO-Bench; MeZO-Adam): Adam on the ZO gradient, torch.optim.Adam semantics.
+
+    .. math::
+        m \leftarrow \beta_1 m + (1-\beta_1)\hat g,\quad v \leftarrow \beta_2 v + (1-\beta_2)\hat g^2,\quad
+        \theta \leftarrow \theta - \eta \frac{m / (1-\beta_1^t)}{\sqrt{v / (1-\beta_2^t)} + \delta}
+
+    Memory: two fp32 buffers the size of the trainable parameters.
+    """
+
+    name = "adam"
+    fused = False
+    state_names = ("exp_avg", "exp_avg_sq")
+
+    def __init__(self, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        b1, b2 = betas
+        if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
+            raise ValueError(f"betas must be in [0, 1), got {betas}")
+        if not eps > 0:
+            raise ValueError(f"adam eps must be > 0, got {eps}")
+        self.betas, self.eps = (b1, b2), eps
+
+    def transform(self, grad: ZOGrad) -> ZOGrad:
+        return grad
+
+    def apply_chunk(self, x, g, state, lr, step):
+        b1, b2 = self.betas
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        m.lerp_(g, 1 - b1)
+        v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        denom = (v / (1 - b2 ** step)).sqrt_().add_(self.eps)
+        x.addcdiv_(m.to(x.dtype), denom.to(x.dtype), value=-lr / (1 - b1 ** step))
