@@ -94,15 +94,17 @@ def measure_speed(args, records):
             opt = zotune.ZOOptimizer(model.named_parameters(), lr=1e-7, eps=1e-3, seed=0,
                                      direction=direction, defer_update=defer)
             seconds = timed(lambda: opt.step(loss), args.repeats)
-            steps = opt.steps_taken
+            steps, sweeps = opt.steps_taken, opt.engine.sweeps
+            opt.flush()  # a deferred run's last update is drawn here: count it, not its sweep
+            numbers = opt.engine.numbers_drawn
+            per_element = opt.direction.numbers_per_element
             emit({"what": "zotune", "direction": direction, "defer_update": defer,
                   "seconds": seconds, "over_2fwd": seconds / (2 * forward),
                   "overhead": seconds - 2 * forward,
                   "overhead_vs_reference": (seconds - 2 * forward) / ref_overhead,
-                  "sweeps_per_step": opt.engine.sweeps / steps,
-                  "draws_per_step": opt.engine.sweeps / steps if direction != "pooled" else 0,
-                  "numbers_per_step": opt.engine.numbers_drawn / steps}, records)
-            opt.flush()
+                  "sweeps_per_step": sweeps / steps,
+                  "draws_per_step": numbers / steps / (numel * per_element) if per_element else 0,
+                  "numbers_per_step": numbers / steps}, records)
             opt.engine.close()
 
 
@@ -144,15 +146,15 @@ def measure_memory(args, records):
 def table(records, command):
     by = {r["what"]: r for r in records if r["what"] in ("setup", "forward", "reference")}
     fwd, ref = by["forward"]["seconds"], by["reference"]
-    rows = ["| step | seconds | step / (2 x forward) | overhead (step - 2 fwd) | overhead / reference overhead | sweeps per step | random numbers per step |",
-            "|---|---|---|---|---|---|---|",
-            f"| one forward (a) | {fwd:.3f} | | | | | |",
-            f"| MeZO reference (b) | {ref['seconds']:.3f} | {ref['over_2fwd']:.2f} | {ref['overhead']:.3f} | 1.00 | 4 (+ allocations) | {ref['numbers_per_step']:.3g} |"]
+    rows = ["| step | seconds | step / (2 x forward) | overhead (step - 2 fwd) | overhead / reference overhead | parameter sweeps per step | draws of z per step | random numbers per step |",
+            "|---|---|---|---|---|---|---|---|",
+            f"| one forward (a) | {fwd:.3f} | | | | | | |",
+            f"| MeZO reference (b) | {ref['seconds']:.3f} | {ref['over_2fwd']:.2f} | {ref['overhead']:.3f} | 1.00 | 4 (each allocating) | 4 | {ref['numbers_per_step']:.3g} |"]
     for r in records:
         if r["what"] == "zotune":
             name = r["direction"] + (", deferred update" if r["defer_update"] else "")
             rows.append(f"| zotune {name} (c) | {r['seconds']:.3f} | {r['over_2fwd']:.2f} | {r['overhead']:.3f} | "
-                        f"{r['overhead_vs_reference']:.2f} | {r['sweeps_per_step']:.0f} | {r['numbers_per_step']:.3g} |")
+                        f"{r['overhead_vs_reference']:.2f} | {r['sweeps_per_step']:.0f} | {r['draws_per_step']:.0f} | {r['numbers_per_step']:.3g} |")
     mem = [r for r in records if r["what"] == "memory"]
     if mem:
         rows += ["", "| phase | peak RSS (GiB) | over inference |", "|---|---|---|"]
