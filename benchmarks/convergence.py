@@ -26,7 +26,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from step_speed import write_section  # noqa: E402

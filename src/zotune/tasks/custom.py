@@ -20,13 +20,12 @@ three sets are disjoint).
 """
 from __future__ import annotations
 
-import json
 import string
 from pathlib import Path
 from typing import Any
 
 from zotune.tasks.base import Example, Task, TaskData, TaskDataError, mezo_example, mezo_splits, sample_subset
-from zotune.tasks.data import DataNotFoundError
+from zotune.tasks.data import DataNotFoundError, iter_jsonl
 
 REQUIRED = ("name", "train", "template", "verbalizer")
 OPTIONAL = ("dev", "test", "label_field", "kind", "train_objective", "num_dev", "description")
@@ -83,18 +82,9 @@ class CustomTask(Task):
         if not path.is_file():
             raise DataNotFoundError(f"{self.name}: {split} file not found: {path}")
         records = []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise TaskDataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-                if not isinstance(record, dict):
-                    raise TaskDataError(f"{path}:{lineno}: expected a JSON object")
-                self._check(record, path, lineno, needs_label=split != "test")
-                records.append(record)
+        for lineno, record in iter_jsonl(path):
+            self._check(record, path, lineno, needs_label=split != "test")
+            records.append(record)
         if not records:
             raise TaskDataError(f"{self.name}: {path} has no records")
         return records

@@ -43,8 +43,8 @@ def find_files(task: str, data_dir: Path, required: dict[str, str],
     return paths
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    records = []
+def iter_jsonl(path: Path):
+    """``(line number, record)`` for each non-blank line of a JSON-lines file of objects."""
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -55,8 +55,11 @@ def read_jsonl(path: Path) -> list[dict]:
                 raise TaskDataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
             if not isinstance(record, dict):
                 raise TaskDataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-            records.append(record)
-    return records
+            yield lineno, record
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [record for _, record in iter_jsonl(path)]
 
 
 def read_tsv(path: Path) -> list[dict]:
