@@ -25,7 +25,7 @@ import torch
 from . import rng
 from .directions import Direction, make_direction
 from .engines.in_memory import InMemoryEngine, Update
-from .estimators import SPSA
+from .estimators import SPSA, KernelSPSA
 from .plan import Terms, ZOGrad
 from .updates import UPDATES, lr_factor
 from .updates.schedules import check_schedule
@@ -37,8 +37,10 @@ METHODS: dict[str, dict] = {
     "zo-adam": {"update": "adam"},
     "zo-sign": {"update": "sign"},
     "zo-cons": {"update": "sgd", "conservative": True},
+    "kerzoo": {"update": "sgd", "estimator": "kernel"},
 }
-"""Named methods. MeZO and ZO-Bench's ZO-SGD are the same algorithm (Zhang et al., 2024)."""
+"""Named methods. MeZO and ZO-Bench's ZO-SGD are the same algorithm (Zhang et al., 2024);
+``kerzoo`` is KerZOO's kernel-weighted estimator (order-3 kernel, paper normalisation) with ZO-SGD."""
 
 Closure = Callable[[], "torch.Tensor | float"]
 
@@ -71,7 +73,8 @@ class ZOOptimizer(torch.optim.Optimizer):
             Tensors with ``requires_grad=False`` are left untouched.
         lr: learning rate :math:`\eta` (>= 0).
         eps: perturbation scale :math:`\epsilon` (> 0).
-        method: ``mezo``, ``zo-sgd``, ``zo-momentum``, ``zo-adam``, ``zo-sign`` or ``zo-cons``.
+        method: ``mezo``, ``zo-sgd``, ``zo-momentum``, ``zo-adam``, ``zo-sign``, ``zo-cons`` or
+            ``kerzoo``.
         seed: run seed; every direction is keyed by (seed, step, probe, tensor, chunk).
         direction: ``gaussian`` (default), ``rademacher``, ``uniform``, ``pooled`` or a Direction.
         num_probes: directions per step (n-SPSA).
@@ -107,6 +110,10 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.method = method
         self.seed = int(seed)
         self.direction = make_direction(direction)
+        if estimator is None and spec.get("estimator") == "kernel":
+            if one_sided:
+                raise ValueError(f"method {method!r} is two-sided; one_sided=True does not apply")
+            estimator = KernelSPSA(eps, order=3, num_probes=num_probes)
         self.estimator = estimator if estimator is not None else SPSA(eps, num_probes, one_sided)
         self.rule = update if update is not None else _make_rule(spec["update"], momentum, betas, adam_eps)
         self.conservative = bool(spec.get("conservative", False))
@@ -196,7 +203,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                              "once per probe point")
         closures = list(closure) if isinstance(closure, (list, tuple)) else [closure]
         step = self._step
-        plan = self.estimator.plan(lambda j: rng.probe_seed(self.seed, step, j))
+        plan = self.estimator.plan(lambda j: rng.probe_seed(self.seed, step, j), step)
         pending, self._pending = self._pending, None
         losses: list[float] = []
         base_loss = None
@@ -215,7 +222,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             self.skipped_steps += 1
             self.last_grad = None
             return float("nan")
-        grad = self.rule.transform(self.estimator.combine(plan, losses, self.direction.second_moment))
+        grad = self.rule.transform(self.estimator.combine(plan, losses, self.direction.second_moment, step))
         self.last_grad = grad
         update = self._make_update(grad)
         if self.conservative:

@@ -40,7 +40,7 @@ class SPSA:
     def forward_passes(self) -> int:
         return self.num_probes + 1 if self.one_sided else 2 * self.num_probes
 
-    def plan(self, key_of: Callable[[int], int]) -> ProbePlan:
+    def plan(self, key_of: Callable[[int], int], step: int = 0) -> ProbePlan:
         """Points to evaluate; ``key_of(j)`` gives probe j's direction key."""
         keys = tuple(key_of(j) for j in range(self.num_probes))
         if self.one_sided:
@@ -50,7 +50,8 @@ class SPSA:
                            for p in (((j, self.eps),), ((j, -self.eps),)))
         return ProbePlan(keys, points)
 
-    def combine(self, plan: ProbePlan, losses: Sequence[float], second_moment: float = 1.0) -> ZOGrad:
+    def combine(self, plan: ProbePlan, losses: Sequence[float], second_moment: float = 1.0,
+                step: int = 0) -> ZOGrad:
         """The estimate from the losses at ``plan``'s points, in the same order."""
         n, scale = self.num_probes, 1.0 / (self.num_probes * second_moment)
         if self.one_sided:
