@@ -132,6 +132,9 @@ def test_user_errors(tiny_dir, data_dir, tmp_path, capsys):
     assert "full, lora, prefix, pattern" in error_of(capsys, base + ["--trainable", "all"])
     assert "steps must be an integer >= 1" in error_of(capsys, swap("--steps", "0"))
     assert "lr must be >= 0" in error_of(capsys, swap("--lr", "-1"))
+    if not torch.cuda.is_available():
+        assert "no CUDA GPU" in error_of(capsys, base + ["--device", "cuda"])
+    assert "unknown device" in error_of(capsys, base + ["--device", "tpu9"])
     empty = tmp_path / "empty"
     empty.mkdir()
     assert str(empty) in error_of(capsys, swap("--data-dir", str(empty)))

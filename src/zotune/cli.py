@@ -34,6 +34,7 @@ HELP = {
     "data_seed": "seed of MeZO's data sampling", "seed": "run seed (directions and batch order)",
     "output_dir": "run directory", "max_time": "stop (with a checkpoint) after this many seconds",
     "dtype": "parameter dtype (bf16/fp16 keep an fp32 master copy)",
+    "device": "auto (GPU if available), cpu, cuda or cuda:N",
 }
 
 

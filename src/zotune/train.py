@@ -80,6 +80,7 @@ class TrainConfig:
     max_time: float | None = None
     max_length: int = 2048
     dtype: str = "float32"
+    device: str = "auto"
 
     def resolved(self) -> "TrainConfig":
         """A copy with lr and eps filled in from the trainable scheme, validated."""
@@ -122,12 +123,26 @@ def load_task(cfg: TrainConfig):
     return load_custom_task(cfg.task_file) if cfg.task_file else get_task(cfg.task)
 
 
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is the GPU when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ZotuneError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ZotuneError(f"device {name!r} asked for, but no CUDA GPU is available")
+    return device
+
+
 def build(cfg: TrainConfig, task):
     """Model, tokenizer, scorer and trainable parameters for a run."""
     from .models import load_model, select_trainable, trainable_parameters
     from .objectives import CandidateScorer
 
     model, tokenizer = load_model(cfg.model, dtype=DTYPES[cfg.dtype])
+    model.to(resolve_device(cfg.device))
     model = select_trainable(model, cfg.trainable, pattern=cfg.pattern, lora_r=cfg.lora_r,
                              lora_alpha=cfg.lora_alpha, prefix_tokens=cfg.prefix_tokens, seed=cfg.seed)
     model.eval()
