@@ -139,9 +139,12 @@ def plot(records, path):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for arm, style in (("reference", "o--"), ("zotune", "s-")):
+    styles = {"reference": dict(marker="o", markersize=11, markerfacecolor="none", linestyle="--",
+                                linewidth=2.5, color="tab:blue"),
+              "zotune": dict(marker="s", markersize=5, linestyle="-", color="tab:orange")}
+    for arm, style in styles.items():
         pts = [(r["step"], r["test_acc"]) for r in records if r.get("arm") == arm]
-        ax.plot(*zip(*pts), style, label=arm)
+        ax.plot(*zip(*pts), label=arm, **style)
     ax.set(xlabel="step", ylabel="test accuracy (%)", title="SST-2, SmolLM2-135M, MeZO")
     ax.legend()
     fig.tight_layout()
