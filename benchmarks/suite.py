@@ -38,8 +38,13 @@ def main():
     p.add_argument("--eval-dev", type=int, default=50)
     p.add_argument("--max-length", type=int, default=384)
     p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
+    p.add_argument("--from-log", help="rebuild the table from the JSON lines of an earlier run")
     args = p.parse_args()
     rows = []
+    if args.from_log:
+        rows = [json.loads(line) for line in Path(args.from_log).read_text().splitlines()
+                if line.startswith('{"task"')]
+        return write_table(rows, args)
     with tempfile.TemporaryDirectory() as tmp:
         for task in args.tasks:
             cfg = TrainConfig(task=task, data_dir=args.data_dir, steps=args.steps, lr=args.lr,
@@ -52,19 +57,30 @@ def main():
                    "train_examples": s["train_examples"], "wall_time_s": s["wall_time_s"]}
             print(json.dumps(row), flush=True)
             rows.append(row)
+    write_table(rows, args)
+
+
+def write_table(rows, args):
     lines = ["| task | metric | test examples | zero-shot | after training | change | wall time (s) |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['task']} | {r['metric']} | {r['test_examples']} | {r['zero_shot']:.1f} | "
                      f"{r['trained']:.1f} | {r['trained'] - r['zero_shot']:+.1f} | {r['wall_time_s']:.0f} |")
-    cmd = "python benchmarks/suite.py " + " ".join(sys.argv[1:])
+    argv = sys.argv[1:]
+    if args.from_log:  # the command that produced the numbers, not the rebuild
+        i = argv.index("--from-log")
+        argv = argv[:i] + argv[i + 2:]
+    cmd = "python benchmarks/suite.py " + " ".join(argv)
+    done = {r["task"] for r in rows}
+    missing = [t for t in args.tasks if t not in done]
     text = (f"## Task suite, small budget (`benchmarks/suite.py`)\n\nCommand: `{cmd.strip()}`\n\n"
             f"SmolLM2-135M, full parameters, `zotune train --method mezo --direction {args.direction} "
             f"--lr {args.lr} --steps {args.steps}` per task (batch 16, eps 1e-3), MeZO's data protocol; "
             f"test capped at {args.num_test} examples ({args.num_test_squad} for SQuAD), dev at "
             f"{args.eval_dev}, sequences at {args.max_length} tokens. A budget this small moves "
-            "little; it shows that every task runs end to end and where zero-shot stands.\n\n"
-            + "\n".join(lines) + "\n")
+            "little; it shows that the tasks run end to end and where zero-shot stands.\n\n"
+            + "\n".join(lines) + "\n"
+            + (f"\nNot finished in the run recorded here: {', '.join(missing)}.\n" if missing else ""))
     write_section(Path(args.out), text, "suite")
 
 
