@@ -23,10 +23,10 @@ from collections.abc import Callable, Sequence
 import torch
 
 from . import rng
-from .directions import Direction, make_direction
+from .directions import Direction, make_direction, probe_key
 from .engines.in_memory import InMemoryEngine, Update
 from .estimators import SPSA, KernelSPSA
-from .plan import Terms, ZOGrad
+from .plan import Terms, ZOGrad, map_coef
 from .updates import UPDATES, lr_factor
 from .updates.schedules import check_schedule
 
@@ -203,7 +203,8 @@ class ZOOptimizer(torch.optim.Optimizer):
                              "once per probe point")
         closures = list(closure) if isinstance(closure, (list, tuple)) else [closure]
         step = self._step
-        plan = self.estimator.plan(lambda j: rng.probe_seed(self.seed, step, j), step)
+        n = self.estimator.num_probes
+        plan = self.estimator.plan(lambda j: probe_key(self.direction, self.seed, step, j, n), step)
         pending, self._pending = self._pending, None
         losses: list[float] = []
         base_loss = None
@@ -244,8 +245,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         if len(lrs) != 1:
             raise ValueError("zo-cons needs one learning rate for all parameter groups")
         lr = lrs.pop()
-        down: Terms = tuple((k, -lr * c) for k, c in update.grad.terms)
-        up: Terms = tuple((k, lr * c) for k, c in update.grad.terms)
+        down: Terms = update.grad.scaled(-lr).terms
+        up: Terms = update.grad.scaled(lr).terms
         self.engine.move(down)
         loss_down = self._evaluate(closures)
         self.engine.move(up)
@@ -306,14 +307,19 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.seed, self._step, self._updates = zo["seed"], zo["step"], zo["updates"]
         self.skipped_steps, self.forward_passes = zo["skipped_steps"], zo["forward_passes"]
         self.estimator.load_state_dict(zo["estimator"])
-        self.engine.current = tuple((int(k), float(a)) for k, a in zo["current"])
+        self.engine.current = tuple((int(k), _coef(a)) for k, a in zo["current"])
         self._pending = None
         if zo["pending"] is not None:
             pd = zo["pending"]
             self._ensure_rule_state()
-            self._pending = Update(ZOGrad(tuple((int(k), float(c)) for k, c in pd["terms"])),
+            self._pending = Update(ZOGrad(tuple((int(k), _coef(c)) for k, c in pd["terms"])),
                                    self.rule, pd["lr"], pd["weight_decay"], pd["step"],
                                    self._rule_state)
+
+
+def _coef(c):
+    """A coefficient read back from a state dict (float, or per-tensor dict)."""
+    return {int(t): float(v) for t, v in c.items()} if isinstance(c, dict) else float(c)
 
 
 def _make_rule(name: str, momentum: float, betas, adam_eps: float):

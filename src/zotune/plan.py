@@ -8,8 +8,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-Terms = tuple[tuple[int, float], ...]
+Coef = float | dict[int, float]
+"""A coefficient: one float for every tensor, or ``{tensor id: float}`` where it differs by tensor
+(KerZOO's per-tensor r, per-tensor clipping); tensors missing from the dict get 0."""
+
+Terms = tuple[tuple[int, Coef], ...]
 """``((direction key, coefficient), ...)``: the vector ``sum_k coefficient_k * z_key``."""
+
+
+def coef_at(coef: Coef, tensor_id: int) -> float:
+    """The coefficient that applies to the tensor with id ``tensor_id``."""
+    if isinstance(coef, dict):
+        return coef.get(tensor_id, 0.0)
+    return coef
+
+
+def map_coef(coef: Coef, fn) -> Coef:
+    """``fn`` applied to a coefficient, tensor by tensor."""
+    if isinstance(coef, dict):
+        return {t: fn(c) for t, c in coef.items()}
+    return fn(coef)
 
 
 @dataclass(frozen=True)
@@ -40,13 +58,13 @@ class ZOGrad:
 
     terms: Terms
 
-    def scalars(self) -> list[float]:
+    def scalars(self) -> list[Coef]:
         """The coefficients: with the keys, all that ranks must exchange."""
         return [c for _, c in self.terms]
 
     def scaled(self, factor: float) -> "ZOGrad":
-        return ZOGrad(tuple((k, c * factor) for k, c in self.terms))
+        return self.map(lambda c: c * factor)
 
     def map(self, fn) -> "ZOGrad":
         """Apply a scalar function to every coefficient (e.g. ``sign`` for ZO-SGD-Sign)."""
-        return ZOGrad(tuple((k, fn(c)) for k, c in self.terms))
+        return ZOGrad(tuple((k, map_coef(c, fn)) for k, c in self.terms))

@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import rng
-from ..directions import Direction
-from ..plan import Terms, ZOGrad
+from ..directions import Direction, Position, draw
+from ..plan import Coef, Terms, ZOGrad, coef_at
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 PARALLEL_MIN_NUMEL = 1 << 22
@@ -69,6 +69,7 @@ class _Tensor:
     group: int
     decays: bool
     master: torch.Tensor | None
+    start: int = 0
     chunks: list[tuple[int, int]] = field(default_factory=list)
 
     @property
@@ -112,10 +113,14 @@ class InMemoryEngine:
             master = None
             if use_master:
                 master = (master_store(i, p) if master_store else p.data.float().reshape(-1).clone())
-            t = _Tensor(name, p, rng.name_id(name), group, decays, master)
+            t = _Tensor(name, p, rng.name_id(name), group, decays, master,
+                        start=sum(u.param.numel() for u in self.tensors))
             t.chunks = rng.chunk_bounds(p.numel(), self.chunk_size)
             self.tensors.append(t)
         self.numel = sum(t.param.numel() for t in self.tensors)
+        check = getattr(direction, "check_size", None)
+        if check is not None:
+            check(self.numel)
         self.current: Terms = ()
         self.threads = threads or torch.get_num_threads()
         self._pool: ThreadPoolExecutor | None = None
@@ -130,17 +135,52 @@ class InMemoryEngine:
         if update is None and point == self.current:
             return
         jobs = [(ti, ci) for ti, t in enumerate(self.tensors) for ci in range(len(t.chunks))]
-        fn = lambda job: self._move_chunk(job[0], job[1], point, update)  # noqa: E731
-        device_is_cpu = all(t.param.device.type == "cpu" for t in self.tensors)
-        if device_is_cpu and self.threads > 1 and self.numel >= PARALLEL_MIN_NUMEL:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="zotune-sweep")
-            drawn = sum(self._pool.map(fn, jobs))
-        else:
-            drawn = sum(map(fn, jobs))
+        drawn = sum(self._map(lambda job: self._move_chunk(job[0], job[1], point, update), jobs))
         self.numbers_drawn += drawn
         self.sweeps += 1
         self.current = point
+
+    def base(self, ti: int) -> torch.Tensor:
+        """Flat view of tensor ``ti``'s unperturbed value: the fp32 master if it has one, else the
+        parameter. Only meaningful with no perturbation applied (``current == ()``); write to it,
+        then call :meth:`sync`."""
+        if self.current:
+            raise RuntimeError("base() needs the unperturbed parameters; call move(()) first")
+        t = self.tensors[ti]
+        return t.master if t.master is not None else t.flat
+
+    def sync(self, ti: int) -> None:
+        """Copy a master copy that was written through :meth:`base` into its parameter."""
+        t = self.tensors[ti]
+        if t.master is not None:
+            t.flat.copy_(t.master)
+
+    def gram(self, keys: Sequence[int]) -> list[torch.Tensor]:
+        """Per tensor, the float64 matrix of inner products ``<z_i, z_j>`` of the directions of
+        ``keys``: one read-only sweep drawing each direction once. Per-tensor norms of any
+        combination ``sum_i c_i z_i`` follow as ``c^T G c`` (used by per-tensor clipping)."""
+        keys = list(keys)
+        n = len(keys)
+        out = [torch.zeros(n, n, dtype=torch.float64) for _ in self.tensors]
+
+        def chunk_gram(job):
+            ti, ci = job
+            t = self.tensors[ti]
+            s, e = t.chunks[ci]
+            zs = []
+            for k in keys:
+                values, sign = self._draw(k, t, ci, torch.empty(e - s, dtype=torch.float32,
+                                                                device=t.param.device))
+                zs.append(values.float() * sign)
+            z = torch.stack(zs)
+            return ti, (z @ z.T).double().cpu()
+
+        jobs = [(ti, ci) for ti, t in enumerate(self.tensors) for ci in range(len(t.chunks))]
+        for ti, g in self._map(chunk_gram, jobs):
+            out[ti] += g
+        self.sweeps += 1
+        self.numbers_drawn += n * self.numel * self.direction.numbers_per_element
+        return out
 
     def close(self) -> None:
         if self._pool is not None:
@@ -148,6 +188,15 @@ class InMemoryEngine:
             self._pool = None
 
     # --------------------------------------------------------------- helpers
+    def _map(self, fn, jobs):
+        """``map(fn, jobs)``, on the thread pool for large CPU models."""
+        device_is_cpu = all(t.param.device.type == "cpu" for t in self.tensors)
+        if device_is_cpu and self.threads > 1 and self.numel >= PARALLEL_MIN_NUMEL:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="zotune-sweep")
+            return list(self._pool.map(fn, jobs))
+        return list(map(fn, jobs))
+
     def _buffers(self, n: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Two per-thread scratch buffers of at least ``n`` elements."""
         key = (dtype, device)
@@ -162,7 +211,8 @@ class InMemoryEngine:
         return pair[0][:n], pair[1][:n]
 
     def _draw(self, key: int, t: _Tensor, c: int, out: torch.Tensor) -> tuple[torch.Tensor, float]:
-        return self.direction.chunk(rng.chunk_seed(key, t.tensor_id, c), out)
+        position = Position(self.numel, t.start, t.param.numel(), t.chunks[c][0])
+        return draw(self.direction, key, t.tensor_id, c, position, out)
 
     def _move_chunk(self, ti: int, ci: int, point: Terms, update: Update | None) -> float:
         t = self.tensors[ti]
@@ -172,14 +222,18 @@ class InMemoryEngine:
         wd = update.weight_decay[t.group] if update and t.decays else 0.0
         decay = 1.0 - lr * wd
         fused = update is None or update.rule.fused
-        grad_terms = update.grad.terms if update else ()
+        # Coefficients may differ by tensor (KerZOO's per-tensor r, per-tensor clipping).
+        tid = t.tensor_id
+        grad_terms = tuple((k, coef_at(c, tid)) for k, c in update.grad.terms) if update else ()
+        point = tuple((k, coef_at(a, tid)) for k, a in point)
+        current = tuple((k, coef_at(a, tid)) for k, a in self.current)
         if t.master is not None:
             return self._move_chunk_master(ti, ci, point, update, decay, fused, lr, grad_terms)
 
         x = t.flat[s:e]
         # Coefficients per key: [alpha applied to x, coefficient accumulated into g].
         coef: dict[int, list[float]] = {}
-        for k, a in self.current:
+        for k, a in current:
             coef.setdefault(k, [0.0, 0.0])[0] -= a * decay
         for k, c in grad_terms:
             slot = coef.setdefault(k, [0.0, 0.0])
@@ -220,6 +274,8 @@ class InMemoryEngine:
                 m.mul_(decay)
             g = None
             for k, c in grad_terms:
+                if c == 0.0:
+                    continue
                 z, sign = self._draw(k, t, ci, zbuf)
                 drawn += n * self.direction.numbers_per_element
                 if fused:
@@ -233,6 +289,8 @@ class InMemoryEngine:
         if point:
             target = tbuf.copy_(m)
             for k, a in point:
+                if a == 0.0:
+                    continue
                 z, sign = self._draw(k, t, ci, zbuf)
                 drawn += n * self.direction.numbers_per_element
                 target.add_(z, alpha=a * sign)

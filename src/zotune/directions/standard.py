@@ -1,4 +1,4 @@
-"""Random directions z, regenerated chunk by chunk from a key.
+"""The standard directions: Gaussian, Rademacher, uniform and pooled.
 
 Each direction turns ``(chunk key, n)`` into the n numbers of one chunk of z. Estimators only need
 ``E[z] = 0`` and ``E[z z^T] = m I``; ``second_moment`` declares ``m`` so they can stay unbiased.
@@ -16,32 +16,10 @@ Directions:
 from __future__ import annotations
 
 import math
-from typing import Protocol
 
 import torch
 
-from . import rng
-
-
-class Direction(Protocol):
-    """Protocol of a direction distribution."""
-
-    name: str
-    second_moment: float
-    numbers_per_element: float
-
-    def chunk(self, key: int, out: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """Return ``(values, sign)`` with ``z_chunk = sign * values``.
-
-        ``out`` is a 1-D scratch buffer of the chunk's length, dtype and device; the direction may
-        fill it and return it, or return a view of its own storage (no copy). ``sign`` lets a view
-        carry a random sign for free.
-        """
-        ...
-
-    def max_chunk_size(self) -> int | None:
-        """The largest chunk this direction supports, or None for no limit."""
-        ...
+from .. import rng
 
 
 class Gaussian:
@@ -156,38 +134,3 @@ class Pooled:
         offset = (h >> 1) % self.pool_size
         sign = 1.0 if h & 1 else -1.0
         return self._pool(out.dtype, out.device)[offset : offset + n], sign
-
-
-DIRECTIONS = {"gaussian": Gaussian, "rademacher": Rademacher, "uniform": Uniform, "pooled": Pooled}
-
-
-def make_direction(spec: str | Direction) -> Direction:
-    """A direction from its name (``gaussian``, ``rademacher``, ``uniform``, ``pooled``) or as is."""
-    if not isinstance(spec, str):
-        return spec
-    try:
-        return DIRECTIONS[spec.lower()]()
-    except KeyError:
-        raise ValueError(
-            f"unknown direction {spec!r}; valid directions: {', '.join(sorted(DIRECTIONS))}"
-        ) from None
-
-
-def materialize(direction: Direction, key: int, tensor_id: int, numel: int,
-                chunk_size: int = rng.DEFAULT_CHUNK_SIZE, *, dtype=torch.float32,
-                device="cpu") -> torch.Tensor:
-    """The whole direction of one tensor as a new 1-D tensor (allocates; for references and tests).
-
-    ``z[s:e]`` equals the chunk regenerated alone from ``chunk_seed(key, tensor_id, c)``.
-    """
-    limit = direction.max_chunk_size()
-    if limit is not None:
-        chunk_size = min(chunk_size, limit)
-    z = torch.empty(numel, dtype=dtype, device=device)
-    for c, (s, e) in enumerate(rng.chunk_bounds(numel, chunk_size)):
-        values, sign = direction.chunk(rng.chunk_seed(key, tensor_id, c), z[s:e])
-        if values.data_ptr() != z[s:e].data_ptr():
-            z[s:e].copy_(values)
-        if sign != 1.0:
-            z[s:e].mul_(sign)
-    return z
