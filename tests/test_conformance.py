@@ -16,17 +16,30 @@ from zotune.estimators import SPSA, KernelSPSA
 
 ESTIMATORS = {"spsa": lambda: SPSA(1e-3), "spsa-2": lambda: SPSA(1e-3, num_probes=2),
               "spsa-one-sided": lambda: SPSA(1e-3, one_sided=True),
-              "kernel-3": lambda: KernelSPSA(1e-3, order=3, num_probes=2)}
-# Step sizes from a sweep over {0.003 ... 0.1}: each gives a worst-case final/initial loss ratio
+              "kernel-3": lambda: KernelSPSA(1e-3, order=3, num_probes=2),
+              "kernel-code": lambda: KernelSPSA(1e-3, num_probes=3, schedule="linear", shrink_steps=400,
+                                                r_sharing="tensor", normalization="code")}
+# Step sizes from a sweep over {0.001 ... 0.1}: each gives a worst-case final/initial loss ratio
 # of 0.4-0.55 across all directions and estimators, well inside the 0.7 asserted below.
-LR = {"mezo": 0.03, "zo-sgd": 0.03, "zo-momentum": 0.003, "zo-adam": 0.1, "zo-sign": 0.1,
-      "zo-cons": 0.03, "kerzoo": 0.03}
+LR = {"sgd": 0.03, "momentum": 0.003, "adam": 0.1, "sign": 0.1, "agd": 0.03, "zo-cons": 0.03}
 # The kernel estimator trades bias for variance (6.25x per probe for order 3): on a quadratic there
 # is no bias to remove, so its rows take smaller steps and more of them (swept the same way:
 # worst final/initial ratio 0.66 at 200 steps).
-LR_KERNEL = {"mezo": 0.01, "zo-sgd": 0.01, "zo-momentum": 0.001, "zo-adam": 0.1, "zo-sign": 0.1,
-             "zo-cons": 0.01, "kerzoo": 0.01}
-CASES = list(itertools.product(sorted(DIRECTIONS), ESTIMATORS, zotune.METHODS))
+LR_KERNEL = {"sgd": 0.01, "momentum": 0.001, "adam": 0.1, "sign": 0.1, "agd": 0.01, "zo-cons": 0.01}
+RULES = ("sgd", "momentum", "adam", "sign", "agd", "zo-cons")
+CASES = list(itertools.product(sorted(DIRECTIONS), ESTIMATORS, RULES))
+# Every preset as shipped, and compositions none of the authors' codebases can run.
+PRESETS = {name: {"method": name} for name in zotune.METHODS}
+PRESETS.update({
+    "kerzoo+pooled+dizo": {"method": "dizo", "kernel": {}, "direction": "pooled"},
+    "kerzoo-code+pezo": {"method": "kerzoo-code", "direction": "pezo-pool"},
+    "pezo+dizo+adam": {"method": "dizo", "direction": "pezo-pool", "update": "adam"},
+    "kerzoo+pezo-bank+momentum": {"method": "kerzoo", "direction": "pezo-bank", "update": "momentum"},
+})
+PRESET_LR = {"zo-momentum": 0.003, "zo-adam": 0.1, "zo-sign": 0.1, "pezo+dizo+adam": 0.1,
+             "kerzoo+pezo-bank+momentum": 0.001}
+KERNEL_PRESETS = ("kerzoo", "kerzoo-code", "kerzoo+pooled+dizo", "kerzoo-code+pezo",
+                  "kerzoo+pezo-bank+momentum")
 
 
 def problem():
@@ -40,20 +53,42 @@ def problem():
     return model, lambda: ((model(a) - a @ w_true) ** 2).mean()
 
 
-def make(direction, estimator, method, defer=False):
+def direction_for(name):
+    # small pools so that the 40-parameter problem exercises wrap-around
+    if name == "pooled":
+        return Pooled(pool_size=1 << 10)
+    if name == "pezo-pool":
+        return make_direction(name).__class__(pool_size=37)
+    return make_direction(name)
+
+
+def make(direction, estimator, rule, defer=False):
     model, loss = problem()
-    dirn = Pooled(pool_size=1 << 10) if direction == "pooled" else make_direction(direction)
-    lr = (LR_KERNEL if estimator.startswith("kernel") else LR)[method]
+    lr = (LR_KERNEL if estimator.startswith("kernel") else LR)[rule]
+    method = "zo-cons" if rule == "zo-cons" else "mezo"
     opt = zotune.ZOOptimizer(model.named_parameters(), lr=lr, method=method, seed=1,
-                             direction=dirn, estimator=ESTIMATORS[estimator](),
-                             defer_update=defer)
+                             direction=direction_for(direction), estimator=ESTIMATORS[estimator](),
+                             update=None if rule == "zo-cons" else rule, defer_update=defer)
     return model, loss, opt
 
 
-@pytest.mark.parametrize("direction,estimator,method", CASES)
-def test_conformance(direction, estimator, method):
-    steps = 200 if estimator.startswith("kernel") else 60
-    model, loss, opt = make(direction, estimator, method)
+def make_preset(name):
+    model, loss = problem()
+    options = dict(PRESETS[name])
+    method = options.pop("method")
+    lr = PRESET_LR.get(name, 0.01 if name in KERNEL_PRESETS else 0.03)
+    if "direction" in options:
+        options["direction"] = direction_for(options["direction"])
+    if "dizo" in method:  # the least-squares model has no attention: project its one weight
+        options["projection"] = {"pattern": "weight", "interval": 10, "iterations": 2}
+    opt = zotune.ZOOptimizer(model.named_parameters(), lr=lr, eps=1e-3, method=method, seed=1,
+                             **options)
+    return model, loss, opt
+
+
+def check(make_run, steps):
+    """Finite, converging, deterministic, and bitwise resumable from a state dict at step 20."""
+    model, loss, opt = make_run()
     start = float(loss().detach())
     losses = [opt.step(loss) for _ in range(steps)]
     opt.flush()
@@ -62,13 +97,12 @@ def test_conformance(direction, estimator, method):
     final = float(loss().detach())
     assert final < 0.7 * start, (start, final)
 
-    # determinism and resume: a fresh run saved at step 20 and continued equals the first run
-    model2, loss2, opt2 = make(direction, estimator, method)
+    model2, loss2, opt2 = make_run()
     for _ in range(20):
         opt2.step(loss2)
     state = copy.deepcopy(opt2.state_dict())
     weights = copy.deepcopy(model2.state_dict())
-    model3, loss3, opt3 = make(direction, estimator, method)
+    model3, loss3, opt3 = make_run()
     model3.load_state_dict(weights)
     opt3.load_state_dict(state)
     for _ in range(steps - 20):
@@ -77,10 +111,21 @@ def test_conformance(direction, estimator, method):
     assert torch.equal(model3.weight, model.weight)
 
 
+@pytest.mark.parametrize("direction,estimator,rule", CASES)
+def test_conformance(direction, estimator, rule):
+    check(lambda: make(direction, estimator, rule), 200 if estimator.startswith("kernel") else 60)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_preset_conformance(name):
+    uses_kernel = name in KERNEL_PRESETS
+    check(lambda: make_preset(name), 200 if uses_kernel else 60)
+
+
 @pytest.mark.parametrize("direction", sorted(DIRECTIONS))
 def test_deferred_update_equals_immediate(direction):
-    a, loss_a, opt_a = make(direction, "spsa", "mezo")
-    b, loss_b, opt_b = make(direction, "spsa", "mezo", defer=True)
+    a, loss_a, opt_a = make(direction, "spsa", "sgd")
+    b, loss_b, opt_b = make(direction, "spsa", "sgd", defer=True)
     for _ in range(15):
         assert opt_a.step(loss_a) == opt_b.step(loss_b)
     opt_b.flush()
@@ -90,8 +135,8 @@ def test_deferred_update_equals_immediate(direction):
 @pytest.mark.parametrize("direction", sorted(DIRECTIONS))
 def test_sweep_and_draw_counts(direction):
     """A two-point step is 3 sweeps (2 deferred) and draws each chunk's direction 3 times."""
-    _, loss, opt = make(direction, "spsa", "mezo")
-    _, loss_d, opt_d = make(direction, "spsa", "mezo", defer=True)
+    _, loss, opt = make(direction, "spsa", "sgd")
+    _, loss_d, opt_d = make(direction, "spsa", "sgd", defer=True)
     for _ in range(4):
         opt.step(loss)
         opt_d.step(loss_d)

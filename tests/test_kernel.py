@@ -96,3 +96,118 @@ def test_kerzoo_preset_trains_and_resumes():
     assert math.isfinite(opt.last_losses[0])
     with pytest.raises(ValueError, match="two-sided"):
         zotune.ZOOptimizer(model.parameters(), method="kerzoo", one_sided=True)
+
+
+# ------------------------------------------------------------ the authors' code: kerzoo-code
+def code_gain(s: float, power: int = 1) -> float:
+    """E[k^power K_code(k)] for k ~ U(-s, s), K_code = 4 K_3 (exact quadrature)."""
+    x, w = np.polynomial.legendre.leggauss(30)
+    return float(sum(wi * (s * xi) ** power * 4 * KERNELS[3](s * xi) for xi, wi in zip(x, w)) / 2)
+
+
+@pytest.mark.parametrize("s", [1.0, 0.77, 0.5, 0.1])
+def test_code_normalisation_gain_is_the_notes_closed_form(s):
+    """The code's first-order gain 25s^2 - 21s^4 (4 at s = 1) and third-order residue
+    15s^4(1 - s^2), zero only at s = 1 (research note, section 2.4)."""
+    assert code_gain(s) == pytest.approx(25 * s**2 - 21 * s**4, rel=1e-12)
+    assert code_gain(s, 3) == pytest.approx(15 * s**4 * (1 - s**2), abs=1e-12)
+
+
+def dense_estimate(est, f, tensors, key):
+    """One estimate, densely: per-tensor perturbations and weights as the engine applies them."""
+    from zotune.plan import coef_at
+    plan = est.plan(lambda j: key + j)
+    ids = [rng.name_id(name) for name in tensors]
+    zs = {(j, t): materialize(Gaussian(), k, t, tensors[name].numel(), dtype=torch.float64)
+          for j, k in enumerate(plan.keys) for name, t in zip(tensors, ids)}
+    losses = []
+    for pt in plan.points:
+        shifted = {name: tensors[name] + sum(coef_at(a, t) * zs[j, t] for j, a in pt)
+                   for name, t in zip(tensors, ids)}
+        losses.append(f(shifted))
+    grad = est.combine(plan, losses)
+    return {name: sum(coef_at(c, t) * zs[j, t] for j, (_, c) in enumerate(grad.terms))
+            for name, t in zip(tensors, ids)}
+
+
+def test_per_tensor_r_draws_one_r_per_tensor_and_is_unbiased_to_first_order():
+    """r drawn per (probe, tensor): points differ by tensor, and on a linear function
+    (f = sum a . x) the mean estimate is a (first-order unbiased)."""
+    tensors = {"w1": torch.zeros(3, dtype=torch.float64), "w2": torch.zeros(2, dtype=torch.float64)}
+    a = {"w1": torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64),
+         "w2": torch.tensor([3.0, 1.0], dtype=torch.float64)}
+    est = KernelSPSA(0.1, r_sharing="tensor")
+    est.bind([rng.name_id("w1"), rng.name_id("w2")])
+    point = est.plan(lambda j: 5).points[0][0][1]
+    assert isinstance(point, dict) and len(set(point.values())) == 2
+    f = lambda xs: float(sum((a[n] * xs[n]).sum() for n in xs))  # noqa: E731
+    n = 4000
+    mean = {k: torch.zeros_like(v) for k, v in tensors.items()}
+    for s in range(n):
+        est_s = dense_estimate(est, f, tensors, rng.probe_seed(3, s, 0))
+        for k in mean:
+            mean[k] += est_s[k] / n
+    # per-element variance of one estimate is about 6.25 * |a|^2 (order-3 kernel): SE ~ 0.15
+    for k in mean:
+        assert torch.all((mean[k] - a[k]).abs() < 4 * 2.5 * float(a[k].norm()) / n**0.5)
+
+
+def test_per_tensor_r_needs_bind():
+    with pytest.raises(RuntimeError, match="bind"):
+        KernelSPSA(1e-3, r_sharing="tensor").plan(lambda j: 1)
+    with pytest.raises(ValueError, match="r_sharing"):
+        KernelSPSA(1e-3, r_sharing="layer")
+    with pytest.raises(ValueError, match="normalization"):
+        KernelSPSA(1e-3, normalization="mine")
+
+
+def test_linear_coupling_equals_the_codes_recursion():
+    """ZO-SGD with the ``agd`` rule follows the code's x/c recursion: gradients at
+    y = tau c + (1 - tau) x, c <- c - lr g, x <- tau c + (1 - tau) x, tau_k = 6 / (k + 6)."""
+    g = torch.Generator().manual_seed(0)
+    a, target = torch.randn(16, 5, generator=g, dtype=torch.float64), torch.randn(16, generator=g,
+                                                                                 dtype=torch.float64)
+    model = torch.nn.Linear(5, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.normal_(generator=g)
+    loss = lambda w: float(((a @ w.view(-1) - target) ** 2).mean())  # noqa: E731
+    lr, eps = 0.05, 1e-3
+    x = model.weight.detach().clone().view(-1)
+    c = x.clone()
+    opt = zotune.ZOOptimizer(model.named_parameters(), lr=lr, eps=eps, update="agd", seed=4)
+    for k in range(12):
+        opt.step(lambda: loss(model.weight))
+        tau = 6 / (k + 6)
+        y = tau * c + (1 - tau) * x
+        z = materialize(Gaussian(), rng.probe_seed(4, k, 0), rng.name_id("weight"), 5, dtype=torch.float64)
+        grad = (loss(y + eps * z) - loss(y - eps * z)) / (2 * eps) * z
+        c = c - lr * grad
+        x = tau * c + (1 - tau) * x
+        torch.testing.assert_close(model.weight.detach().view(-1), x, rtol=1e-9, atol=1e-12)
+
+
+def test_per_tensor_clipping_caps_each_tensors_update_norm():
+    """With clip C, each tensor's update is -lr * g_b * min(1, C / ||g_b||): its norm is lr * C
+    when clipped (the norms come from the Gram matrix of the step's directions, exactly)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Linear(6, 1)).double()
+    x, y = torch.randn(32, 8, dtype=torch.float64), torch.randn(32, 1, dtype=torch.float64)
+    loss = lambda: ((model(x) - y) ** 2).mean()  # noqa: E731
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    lr, clip = 0.1, 1e-3
+    opt = zotune.ZOOptimizer(model.named_parameters(), lr=lr, eps=1e-3, method="kerzoo",
+                             num_probes=3, clip_norm=clip, seed=0)
+    opt.step(loss)
+    for n, p in model.named_parameters():
+        assert float((p.detach() - before[n]).norm()) == pytest.approx(lr * clip, rel=1e-6)
+    with pytest.raises(ValueError, match="clip_norm"):
+        zotune.ZOOptimizer(model.parameters(), clip_norm=0.0)
+
+
+def test_kerzoo_code_preset_options():
+    model = torch.nn.Linear(4, 2)
+    opt = zotune.ZOOptimizer(model.named_parameters(), method="kerzoo-code")
+    est = opt.estimator
+    assert (est.num_probes, est.r_sharing, est.normalization, est.schedule) == (3, "tensor", "code", "linear")
+    assert opt.clip_norm == 4e5 and opt.rule.name == "agd" and not opt.defer_update
+    assert opt.forward_passes == 0 and est.forward_passes == 6

@@ -26,9 +26,13 @@ from . import rng
 from .directions import Direction, make_direction, probe_key
 from .engines.in_memory import InMemoryEngine, Update
 from .estimators import SPSA, KernelSPSA
-from .plan import Terms, ZOGrad, map_coef
-from .updates import UPDATES, lr_factor
+from .plan import Terms, ZOGrad, coef_at
+from .updates import UPDATES, Shift, lr_factor
 from .updates.schedules import check_schedule
+
+KERZOO_CODE = {"order": 3, "num_probes": 3, "schedule": "linear", "s0": 1.0, "shrink_steps": 4000,
+               "r_sharing": "tensor", "normalization": "code"}
+"""The kernel options of KerZOO's released code (research/kerzoo_dizo.md, section 2.4)."""
 
 METHODS: dict[str, dict] = {
     "mezo": {"update": "sgd"},
@@ -37,10 +41,19 @@ METHODS: dict[str, dict] = {
     "zo-adam": {"update": "adam"},
     "zo-sign": {"update": "sign"},
     "zo-cons": {"update": "sgd", "conservative": True},
-    "kerzoo": {"update": "sgd", "estimator": "kernel"},
+    "kerzoo": {"update": "sgd", "kernel": {}},
+    "kerzoo-code": {"update": "agd", "kernel": KERZOO_CODE, "clip_norm": 4e5},
+    "dizo": {"update": "sgd", "projection": {"search": "zo"}},
+    "dizo-fo": {"update": "sgd", "projection": {"search": "fo"}},
+    "pezo": {"update": "sgd", "direction": "pezo-pool"},
 }
-"""Named methods. MeZO and ZO-Bench's ZO-SGD are the same algorithm (Zhang et al., 2024);
-``kerzoo`` is KerZOO's kernel-weighted estimator (order-3 kernel, paper normalisation) with ZO-SGD."""
+"""Named methods (presets of estimator, direction, update rule and projection; every part can be
+overridden, so presets compose). MeZO and ZO-Bench's ZO-SGD are the same algorithm (Zhang et al.,
+2024). ``kerzoo``: KerZOO's estimator as the paper states it (order-3 kernel, one r per probe).
+``kerzoo-code``: as the authors' code runs it (3 probes, r per tensor on a linearly shrinking
+interval, the code's kernel scale, per-tensor clipping at 4e5, look-ahead acceleration).
+``dizo``/``dizo-fo``: MeZO with DiZO's layer-wise projection, searched by ZO or by backprop.
+``pezo``: MeZO with PeZO's pre-generated uniform pool, carried-over offset, adaptive scaling."""
 
 Closure = Callable[[], "torch.Tensor | float"]
 
@@ -92,11 +105,12 @@ class ZOOptimizer(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, method: str = "mezo", *,
-                 seed: int = 0, direction: str | Direction = "gaussian", num_probes: int = 1,
+                 seed: int = 0, direction: str | Direction | None = None, num_probes: int | None = None,
                  one_sided: bool = False, weight_decay: float = 0.0, momentum: float = 0.9,
                  betas: tuple[float, float] = (0.9, 0.999), adam_eps: float = 1e-8,
                  schedule: str = "constant", warmup_steps: int = 0, total_steps: int | None = None,
-                 defer_update: bool = False, estimator=None, update=None,
+                 defer_update: bool = False, estimator=None, update=None, kernel: dict | None = None,
+                 projection=None, clip_norm: float | None = None,
                  chunk_size: int = rng.DEFAULT_CHUNK_SIZE, master_weights: bool | str = "auto",
                  threads: int | None = None) -> None:
         if not (isinstance(lr, (int, float)) and lr >= 0):
@@ -109,15 +123,20 @@ class ZOOptimizer(torch.optim.Optimizer):
         spec = METHODS[method]
         self.method = method
         self.seed = int(seed)
-        self.direction = make_direction(direction)
-        if estimator is None and spec.get("estimator") == "kernel":
-            if one_sided:
-                raise ValueError(f"method {method!r} is two-sided; one_sided=True does not apply")
-            estimator = KernelSPSA(eps, order=3, num_probes=num_probes)
-        self.estimator = estimator if estimator is not None else SPSA(eps, num_probes, one_sided)
-        self.rule = update if update is not None else _make_rule(spec["update"], momentum, betas, adam_eps)
+        self.direction = make_direction(direction or spec.get("direction", "gaussian"))
+        self.estimator = estimator if estimator is not None else _make_estimator(
+            spec, eps, num_probes, one_sided, kernel)
+        if update is None or isinstance(update, str):
+            update = _make_rule(update or spec["update"], momentum, betas, adam_eps)
+        self.rule = update
+        clip_norm = spec.get("clip_norm") if clip_norm is None else clip_norm
+        if clip_norm is not None and not clip_norm > 0:
+            raise ValueError(f"clip_norm must be > 0 (or None for no clipping), got {clip_norm!r}")
+        self.clip_norm = clip_norm
         self.conservative = bool(spec.get("conservative", False))
-        self.defer_update = bool(defer_update) and not self.conservative
+        self.lookahead = bool(getattr(self.rule, "lookahead", False))
+        # Conservative and look-ahead steps need the update applied before the next evaluation.
+        self.defer_update = bool(defer_update) and not (self.conservative or self.lookahead)
         self.schedule, self.warmup_steps, self.total_steps = schedule, warmup_steps, total_steps
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
 
@@ -136,6 +155,14 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.engine = InMemoryEngine(tensors, self.direction, chunk_size=chunk_size,
                                      master_weights=master_weights, threads=threads,
                                      master_store=self._master_store)
+        if hasattr(self.estimator, "bind"):
+            self.estimator.bind([t.tensor_id for t in self.engine.tensors])
+        self.projection = _make_projection(spec, projection)
+        if self.projection is not None:
+            self.projection.bind(self.engine)
+        self.search_closures: Callable[[int, int], Closure | Sequence[Closure]] | None = None
+        """Optional ``(step, iteration) -> closure(s)`` giving the projection search fresh batches;
+        by default it reuses the step's closures."""
         self._step = 0
         self._updates = 0
         self._pending: Update | None = None
@@ -206,6 +233,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         n = self.estimator.num_probes
         plan = self.estimator.plan(lambda j: probe_key(self.direction, self.seed, step, j, n), step)
         pending, self._pending = self._pending, None
+        if self.lookahead:  # to the look-ahead point y_k, fused into the first move
+            pending = self._shift(1.0)
         losses: list[float] = []
         base_loss = None
         if self.conservative:
@@ -219,11 +248,13 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._step += 1
         self.last_losses = losses
         if not all(math.isfinite(v) for v in losses + ([base_loss] if base_loss is not None else [])):
-            self.engine.move((), pending)
+            self.engine.move((), self._shift(-1.0) if self.lookahead else pending)
             self.skipped_steps += 1
             self.last_grad = None
             return float("nan")
         grad = self.rule.transform(self.estimator.combine(plan, losses, self.direction.second_moment, step))
+        if self.clip_norm is not None:
+            grad = self._clip(grad)
         self.last_grad = grad
         update = self._make_update(grad)
         if self.conservative:
@@ -233,11 +264,56 @@ class ZOOptimizer(torch.optim.Optimizer):
             self._pending = update
         else:
             self.engine.move((), update)
+        if self.projection is not None and self.projection.due(step):
+            self.flush()
+            self._project(step, closures)
         if base_loss is not None:
             return base_loss
         if getattr(self.estimator, "one_sided", False):
             return losses[0]
         return sum(losses) / len(losses)
+
+    def _shift(self, sign: float) -> Update:
+        """The move to (sign 1) or back from (sign -1) a look-ahead rule's evaluation point."""
+        self._ensure_rule_state()
+        groups = len(self.param_groups)
+        return Update(ZOGrad(()), Shift(self.rule, sign), [1.0] * groups, [0.0] * groups,
+                      step=self._updates + 1, state=self._rule_state)
+
+    def _clip(self, grad: ZOGrad) -> ZOGrad:
+        r"""Per-tensor norm clipping: :math:`\hat g_b \leftarrow \hat g_b \min(1, C / \|\hat g_b\|)`.
+
+        The norms come exactly from the Gram matrix of the step's directions (one read-only sweep
+        drawing each direction once), so no gradient-sized buffer is needed."""
+        keys = [k for k, _ in grad.terms]
+        grams = self.engine.gram(keys)
+        per_term: list[dict[int, float]] = [{} for _ in keys]
+        for t, gram in zip(self.engine.tensors, grams):
+            c = torch.tensor([coef_at(cf, t.tensor_id) for _, cf in grad.terms], dtype=torch.float64)
+            norm = float(c @ gram @ c) ** 0.5
+            factor = min(1.0, self.clip_norm / norm) if norm > 0 else 1.0
+            for i in range(len(keys)):
+                per_term[i][t.tensor_id] = float(c[i]) * factor
+        return ZOGrad(tuple((k, d) for k, d in zip(keys, per_term)))
+
+    def _project(self, step: int, closures) -> None:
+        """A projection search after the update of ``step`` (DiZO), on search batches."""
+        def batch(j):
+            if self.search_closures is None:
+                return closures
+            found = self.search_closures(step, j)
+            return list(found) if isinstance(found, (list, tuple)) else [found]
+
+        key = rng.mix(self.seed, step, 0x44495A4F)
+        if self.projection.search == "fo":
+            def loss_with_grad(j):
+                fns = batch(j)
+                self.forward_passes += len(fns)
+                return sum(fn() for fn in fns) / len(fns)
+            with torch.enable_grad():
+                self.projection.project_fo(self.engine, loss_with_grad, key)
+        else:
+            self.projection.project(self.engine, lambda j: self._evaluate(batch(j)), key)
 
     def _conservative_choice(self, update: Update, base_loss: float, closures) -> Update | None:
         """ZO-SGD-Cons (ZO-Bench): keep the best of theta, theta - lr g, theta + lr g."""
@@ -322,7 +398,40 @@ def _coef(c):
     return {int(t): float(v) for t, v in c.items()} if isinstance(c, dict) else float(c)
 
 
+def _make_estimator(spec: dict, eps: float, num_probes: int | None, one_sided: bool,
+                    kernel: dict | None):
+    """The method's estimator; kernel options (``kernel=``) turn any method into a kernel one."""
+    if kernel is None and "kernel" not in spec:
+        return SPSA(eps, num_probes or 1, one_sided)
+    if one_sided:
+        raise ValueError("kernel-weighted estimators are two-sided; one_sided=True does not apply")
+    options = {**spec.get("kernel", {}), **(kernel or {})}
+    if num_probes is not None:
+        options["num_probes"] = num_probes
+    try:
+        return KernelSPSA(eps, **options)
+    except TypeError as err:
+        raise ValueError(f"bad kernel options {sorted(options)}: {err}") from None
+
+
+def _make_projection(spec: dict, projection):
+    """The method's projection (DiZO), from an object, a dict of options or the preset."""
+    if projection is None and "projection" not in spec:
+        return None
+    if projection is not None and not isinstance(projection, dict):
+        return projection
+    from .updates.projection import DiZO
+
+    options = {**spec.get("projection", {}), **(projection or {})}
+    try:
+        return DiZO(**options)
+    except TypeError as err:
+        raise ValueError(f"bad projection options {sorted(options)}: {err}") from None
+
+
 def _make_rule(name: str, momentum: float, betas, adam_eps: float):
+    if name not in UPDATES:
+        raise ValueError(f"unknown update rule {name!r}; valid: {', '.join(UPDATES)}")
     cls = UPDATES[name]
     if name == "momentum":
         return cls(momentum)

@@ -167,13 +167,14 @@ class InMemoryEngine:
             ti, ci = job
             t = self.tensors[ti]
             s, e = t.chunks[ci]
+            # draw in the dtype the sweeps draw in, so that these are the directions applied
+            dtype = t.master.dtype if t.master is not None else t.param.dtype
             zs = []
             for k in keys:
-                values, sign = self._draw(k, t, ci, torch.empty(e - s, dtype=torch.float32,
-                                                                device=t.param.device))
-                zs.append(values.float() * sign)
+                values, sign = self._draw(k, t, ci, torch.empty(e - s, dtype=dtype, device=t.param.device))
+                zs.append(values.double() * sign)
             z = torch.stack(zs)
-            return ti, (z @ z.T).double().cpu()
+            return ti, (z @ z.T).cpu()
 
         jobs = [(ti, ci) for ti, t in enumerate(self.tensors) for ci in range(len(t.chunks))]
         for ti, g in self._map(chunk_gram, jobs):
@@ -272,7 +273,7 @@ class InMemoryEngine:
         if update is not None:
             if decay != 1.0:
                 m.mul_(decay)
-            g = None
+            g = None if fused else tbuf.zero_()
             for k, c in grad_terms:
                 if c == 0.0:
                     continue
@@ -281,8 +282,6 @@ class InMemoryEngine:
                 if fused:
                     m.add_(z, alpha=-lr * c * sign)
                 else:
-                    if g is None:
-                        g = tbuf.zero_()
                     g.add_(z, alpha=c * sign)
             if g is not None and lr != 0.0:
                 update.rule.apply_chunk(m, g, self._state_slices(update, ti, s, e), lr, update.step)

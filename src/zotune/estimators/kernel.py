@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from .. import rng
-from ..plan import ProbePlan, ZOGrad
+from ..plan import ProbePlan, ZOGrad, map_coef
 
 KERNELS: dict[int, Callable[[float], float]] = {
     1: lambda r: 3.0 * r,
@@ -53,19 +53,40 @@ def probe_scalar(key: int) -> float:
 
 
 class KernelSPSA:
-    """Kernel-weighted two-sided SPSA (KerZOO, paper form). See the module docstring.
+    r"""Kernel-weighted two-sided SPSA (KerZOO). See the module docstring for the maths.
+
+    Options reproduce either the paper or the authors' released code
+    (research/kerzoo_dizo.md, sections 2.3-2.5):
+
+    * ``r_sharing="probe"`` (paper): one r per probe, shared by every tensor; ``"tensor"`` (code):
+      an independent r for each (probe, tensor). Per-tensor r keeps the first-order term unbiased
+      and cancels only within-tensor third-order terms.
+    * ``normalization="paper"``: perturb by :math:`\epsilon s r`, divide the difference by
+      :math:`2\epsilon s`, weight by K(r): unbiased to first order and third-order-free for every
+      interval s. ``"code"``: perturb by :math:`\epsilon k` with :math:`k = s r \sim U(-s, s)`,
+      divide by :math:`2\epsilon`, weight by ``code_scale * K(k)`` (the code's 15k(5 - 7k^2) is
+      4x the normalised order-3 kernel). Its first-order gain is E[k K_code(k)] = 25s^2 - 21s^4
+      (4 at s = 1, peak 7.4 near s = 0.77, 0 as s -> 0): a hidden learning-rate schedule, and the
+      third-order term cancels only at s = 1.
 
     Args:
         eps: perturbation scale (> 0).
         order: kernel order, 1, 3 (KerZOO's default) or 5.
-        num_probes: probes per step.
+        num_probes: probes per step (the code uses 3).
         schedule: interval schedule, ``constant`` (default), ``linear`` or ``harmonic``.
         s0, shrink_steps, s_min: the schedule's parameters.
+        r_sharing: ``probe`` (default) or ``tensor``.
+        normalization: ``paper`` (default) or ``code``.
+        code_scale: kernel multiplier under ``code`` normalisation (4, as the released code).
     """
+
+    R_SHARING = ("probe", "tensor")
+    NORMALIZATIONS = ("paper", "code")
 
     def __init__(self, eps: float = 1e-3, order: int = 3, num_probes: int = 1, *,
                  schedule: str = "constant", s0: float = 1.0, shrink_steps: int = 4000,
-                 s_min: float = 1e-4) -> None:
+                 s_min: float = 1e-4, r_sharing: str = "probe", normalization: str = "paper",
+                 code_scale: float = 4.0) -> None:
         if not eps > 0:
             raise ValueError(f"eps must be > 0, got {eps}")
         if order not in KERNELS:
@@ -76,35 +97,70 @@ class KernelSPSA:
             raise ValueError(f"unknown interval schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
         if not 0 < s_min <= s0:
             raise ValueError(f"need 0 < s_min <= s0, got s_min={s_min}, s0={s0}")
+        if not shrink_steps > 0:
+            raise ValueError(f"shrink_steps must be > 0, got {shrink_steps}")
+        if r_sharing not in self.R_SHARING:
+            raise ValueError(f"unknown r_sharing {r_sharing!r}; valid: {', '.join(self.R_SHARING)}")
+        if normalization not in self.NORMALIZATIONS:
+            raise ValueError(f"unknown normalization {normalization!r}; valid: "
+                             f"{', '.join(self.NORMALIZATIONS)}")
         self.eps, self.order, self.num_probes = float(eps), order, int(num_probes)
         self.schedule, self.s0, self.shrink_steps, self.s_min = schedule, s0, shrink_steps, s_min
+        self.r_sharing, self.normalization, self.code_scale = r_sharing, normalization, code_scale
         self.one_sided = False
+        self.tensor_ids: tuple[int, ...] = ()
+
+    def bind(self, tensor_ids) -> None:
+        """The ids of the trainable tensors (``rng.name_id`` of their names), for per-tensor r."""
+        self.tensor_ids = tuple(tensor_ids)
 
     @property
     def forward_passes(self) -> int:
         return 2 * self.num_probes
 
-    def _scale(self, step: int) -> float:
-        return self.eps * interval(self.schedule, step, s0=self.s0, shrink_steps=self.shrink_steps,
-                                   s_min=self.s_min)
+    def interval(self, step: int) -> float:
+        """Half-width s_t of the interval of r at ``step``."""
+        return interval(self.schedule, step, s0=self.s0, shrink_steps=self.shrink_steps,
+                        s_min=self.s_min)
+
+    def _r(self, key: int):
+        """r ~ U(-1, 1) of a probe: a float, or ``{tensor id: r}`` when drawn per tensor."""
+        if self.r_sharing == "probe":
+            return probe_scalar(key)
+        if not self.tensor_ids:
+            raise RuntimeError("r_sharing='tensor' needs bind(tensor_ids) before plan()")
+        return {t: probe_scalar(rng.mix(key, t)) for t in self.tensor_ids}
+
+    def _point_and_weight(self, r: float, s: float) -> tuple[float, float]:
+        """(perturbation coefficient a, weight w) of one r: the estimate adds (L+ - L-) * w * z."""
+        kernel = KERNELS[self.order]
+        if self.normalization == "paper":
+            return self.eps * s * r, kernel(r) / (2 * self.eps * s)
+        k = s * r
+        return self.eps * k, self.code_scale * kernel(k) / (2 * self.eps)
+
+    def _per_probe(self, key: int, step: int, which: int):
+        s, r = self.interval(step), self._r(key)
+        if isinstance(r, dict):
+            return {t: self._point_and_weight(v, s)[which] for t, v in r.items()}
+        return self._point_and_weight(r, s)[which]
 
     def plan(self, key_of: Callable[[int], int], step: int = 0) -> ProbePlan:
         keys = tuple(key_of(j) for j in range(self.num_probes))
-        scale = self._scale(step)
         points = []
         for j, key in enumerate(keys):
-            a = scale * probe_scalar(key)
-            points += [((j, a),), ((j, -a),)]
+            a = self._per_probe(key, step, 0)
+            minus = {t: -v for t, v in a.items()} if isinstance(a, dict) else -a
+            points += [((j, a),), ((j, minus),)]
         return ProbePlan(keys, tuple(points))
 
     def combine(self, plan: ProbePlan, losses: Sequence[float], second_moment: float = 1.0,
                 step: int = 0) -> ZOGrad:
-        kernel, scale = KERNELS[self.order], self._scale(step)
         norm = 1.0 / (self.num_probes * second_moment)
         terms = []
         for j, key in enumerate(plan.keys):
-            diff = (losses[2 * j] - losses[2 * j + 1]) / (2 * scale)
-            terms.append((key, diff * kernel(probe_scalar(key)) * norm))
+            diff = (losses[2 * j] - losses[2 * j + 1]) * norm
+            terms.append((key, map_coef(self._per_probe(key, step, 1), lambda w, d=diff: d * w)))
         return ZOGrad(tuple(terms))
 
     def state_dict(self) -> dict:

@@ -1,7 +1,7 @@
 """Update rules and learning-rate schedules."""
-from .rules import SGD, Adam, Momentum, Sign
+from .rules import SGD, Adam, LinearCoupling, Momentum, Shift, Sign
 from .schedules import SCHEDULES, lr_factor
 
-UPDATES = {"sgd": SGD, "momentum": Momentum, "adam": Adam, "sign": Sign}
+UPDATES = {"sgd": SGD, "momentum": Momentum, "adam": Adam, "sign": Sign, "agd": LinearCoupling}
 
-__all__ = ["SGD", "Adam", "Momentum", "Sign", "UPDATES", "SCHEDULES", "lr_factor"]
+__all__ = ["SGD", "Adam", "LinearCoupling", "Momentum", "Shift", "Sign", "UPDATES", "SCHEDULES", "lr_factor"]

@@ -105,3 +105,68 @@ class Adam:
         v.mul_(b2).addcmul_(g, g, value=1 - b2)
         denom = (v / (1 - b2 ** step)).sqrt_().add_(self.eps)
         x.addcdiv_(m.to(x.dtype), denom.to(x.dtype), value=-lr / (1 - b1 ** step))
+
+
+class LinearCoupling:
+    r"""The accelerated (look-ahead) ZO-SGD that KerZOO's released code runs (Nesterov's linear
+    coupling, "similar triangles"), with :math:`	au_k = 6/(k+6)` for the k-th update (0-based).
+
+    The code keeps the iterate x and a full copy c and evaluates gradients at the look-ahead point
+    :math:`y_k = 	au_k c_k + (1-	au_k) x_k`:
+
+    .. math:: c_{k+1} = c_k - \eta \hat g(y_k), \qquad x_{k+1} = 	au_k c_{k+1} + (1-	au_k) x_k.
+
+    Here the state is the difference :math:`e = c - x` (one fp32 copy of the trainable
+    parameters, the variant's documented extra memory), so that
+    :math:`y_k = x_k + 	au_k e_k` is a shift the optimizer applies before probing
+    (``shift_chunk``, one sweep without random numbers), and from :math:`y_k` the update is
+
+    .. math:: x_{k+1} = y_k - \eta 	au_k \hat g, \qquad e_{k+1} = (1-	au_k)(e_k - \eta \hat g),
+
+    algebraically identical to the code's recursion (tested). Between steps the parameters hold
+    x, as in the code. Reference: research/kerzoo_dizo.md, section 2.4.
+    """
+
+    name = "agd"
+    fused = False
+    lookahead = True
+    state_names = ("lookahead_diff",)
+
+    def __init__(self, warm: float = 6.0) -> None:
+        if not warm > 0:
+            raise ValueError(f"warm must be > 0, got {warm}")
+        self.warm = warm
+
+    def tau(self, step: int) -> float:
+        """tau_k for the update numbered ``step`` (1-based, as engines pass it)."""
+        return self.warm / (step - 1 + self.warm)
+
+    def transform(self, grad: ZOGrad) -> ZOGrad:
+        return grad
+
+    def shift_chunk(self, x, state, step, sign: float = 1.0):
+        """x <- x + sign * tau_k * e: to the look-ahead point (sign 1) or back (sign -1)."""
+        x.add_(state["lookahead_diff"].to(x.dtype), alpha=sign * self.tau(step))
+
+    def apply_chunk(self, x, g, state, lr, step):
+        tau, e = self.tau(step), state["lookahead_diff"]
+        x.add_(g.to(x.dtype), alpha=-lr * tau)
+        e.add_(g, alpha=-lr).mul_(1.0 - tau)
+
+
+class Shift:
+    """Adapter that makes a look-ahead rule's ``shift_chunk`` an engine update (no gradient)."""
+
+    name = "shift"
+    fused = False
+    state_names: tuple[str, ...] = ()
+
+    def __init__(self, rule, sign: float = 1.0) -> None:
+        self.rule, self.sign = rule, sign
+        self.state_names = rule.state_names
+
+    def transform(self, grad: ZOGrad) -> ZOGrad:
+        return grad
+
+    def apply_chunk(self, x, g, state, lr, step):
+        self.rule.shift_chunk(x, state, step, self.sign)
