@@ -35,6 +35,17 @@ HELP = {
     "output_dir": "run directory", "max_time": "stop (with a checkpoint) after this many seconds",
     "dtype": "parameter dtype (bf16/fp16 keep an fp32 master copy)",
     "device": "auto (GPU if available), cpu, cuda or cuda:N",
+    "estimator": "override the method's estimator: spsa or kernel (KerZOO)",
+    "update": "override the method's update rule: sgd, momentum, adam, sign or agd",
+    "projection": "override the method's projection: none, dizo or dizo-fo",
+    "clip_norm": "per-tensor norm clip of the ZO gradient",
+    "pool_size": "numbers in the pool of pooled/pezo-pool directions",
+    "kernel_order": "KerZOO kernel order: 1, 3 or 5", "kernel_schedule": "constant, linear or harmonic",
+    "kernel_r_sharing": "probe (paper) or tensor (code)", "kernel_normalization": "paper or code",
+    "kernel_s0": "initial half-width of r's interval", "kernel_shrink_steps": "steps of the linear shrink",
+    "dizo_interval": "DiZO: steps between projections", "dizo_iterations": "DiZO: search iterations",
+    "dizo_eps": "DiZO: perturbation of the per-layer norms", "dizo_step_size": "DiZO: search step size",
+    "dizo_clip": "DiZO: ratio range 1 +- clip", "dizo_pattern": "DiZO: regex of projected tensors",
 }
 
 

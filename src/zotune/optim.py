@@ -416,7 +416,7 @@ def _make_estimator(spec: dict, eps: float, num_probes: int | None, one_sided: b
 
 def _make_projection(spec: dict, projection):
     """The method's projection (DiZO), from an object, a dict of options or the preset."""
-    if projection is None and "projection" not in spec:
+    if projection is False or (projection is None and "projection" not in spec):
         return None
     if projection is not None and not isinstance(projection, dict):
         return projection

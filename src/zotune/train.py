@@ -38,7 +38,12 @@ DEFAULT_EPS = {"full": 1e-3, "lora": 1e-2, "prefix": 1e-1, "pattern": 1e-3}
 RESUME_KEYS = ("task", "task_file", "model", "method", "direction", "trainable", "pattern", "lora_r",
                "lora_alpha", "prefix_tokens", "batch_size", "lr", "eps", "weight_decay", "num_probes",
                "one_sided", "schedule", "warmup_steps", "objective", "num_train", "num_dev",
-               "data_seed", "seed", "dtype", "max_length")
+               "data_seed", "seed", "dtype", "max_length", "estimator", "update", "projection",
+               "clip_norm", "pool_size", "kernel_order", "kernel_schedule", "kernel_r_sharing",
+               "kernel_normalization", "kernel_s0", "kernel_shrink_steps", "dizo_interval",
+               "dizo_iterations", "dizo_eps", "dizo_step_size", "dizo_clip", "dizo_pattern")
+ESTIMATORS = ("spsa", "kernel")
+PROJECTIONS = ("none", "dizo", "dizo-fo")
 
 
 @dataclass
@@ -60,7 +65,7 @@ class TrainConfig:
     lr: float | None = None
     eps: float | None = None
     weight_decay: float = 0.0
-    num_probes: int = 1
+    num_probes: int | None = None
     one_sided: bool = False
     schedule: str = "constant"
     warmup_steps: int = 0
@@ -81,6 +86,54 @@ class TrainConfig:
     max_length: int = 2048
     dtype: str = "float32"
     device: str = "auto"
+    # Composition: each overrides one part of the method's preset (None keeps the preset's).
+    estimator: str | None = None
+    update: str | None = None
+    projection: str | None = None
+    clip_norm: float | None = None
+    pool_size: int | None = None
+    kernel_order: int | None = None
+    kernel_schedule: str | None = None
+    kernel_r_sharing: str | None = None
+    kernel_normalization: str | None = None
+    kernel_s0: float | None = None
+    kernel_shrink_steps: int | None = None
+    dizo_interval: int | None = None
+    dizo_iterations: int | None = None
+    dizo_eps: float | None = None
+    dizo_step_size: float | None = None
+    dizo_clip: float | None = None
+    dizo_pattern: str | None = None
+
+    def optimizer_options(self) -> dict:
+        """The ZOOptimizer arguments that compose the method from its parts."""
+        from .directions import make_direction
+
+        kernel = {k[len("kernel_"):]: v for k, v in dataclasses.asdict(self).items()
+                  if k.startswith("kernel_") and v is not None}
+        dizo = {k[len("dizo_"):]: v for k, v in dataclasses.asdict(self).items()
+                if k.startswith("dizo_") and v is not None}
+        options: dict = {"update": self.update, "clip_norm": self.clip_norm}
+        direction = make_direction(self.direction)
+        if self.pool_size is not None:
+            if not hasattr(direction, "pool_size"):
+                raise ZotuneError(f"--pool-size applies to pooled directions, not {self.direction!r}")
+            direction = type(direction)(pool_size=self.pool_size)
+        options["direction"] = direction
+        if self.estimator == "kernel" or kernel:
+            if self.estimator == "spsa":
+                raise ZotuneError("--estimator spsa conflicts with --kernel-* options")
+            options["kernel"] = kernel
+        elif self.estimator == "spsa":
+            from .estimators import SPSA
+            options["estimator"] = SPSA(self.eps, self.num_probes or 1, self.one_sided)
+        if self.projection == "none":
+            options["projection"] = False
+        elif self.projection is not None or dizo:
+            if self.projection is not None:
+                dizo["search"] = "fo" if self.projection == "dizo-fo" else "zo"
+            options["projection"] = dizo
+        return options
 
     def resolved(self) -> "TrainConfig":
         """A copy with lr and eps filled in from the trainable scheme, validated."""
@@ -102,7 +155,16 @@ class TrainConfig:
         choice("objective", OBJECTIVES)
         choice("schedule", SCHEDULES)
         choice("dtype", list(DTYPES))
-        for name in ("steps", "batch_size", "eval_every", "log_every", "num_probes", "eval_batch_size",
+        if self.estimator is not None:
+            choice("estimator", ESTIMATORS)
+        if self.projection is not None:
+            choice("projection", PROJECTIONS)
+        if self.update is not None:
+            from .updates import UPDATES
+            choice("update", list(UPDATES))
+        if self.num_probes is not None and not (isinstance(self.num_probes, int) and self.num_probes >= 1):
+            raise ZotuneError(f"num_probes must be an integer >= 1, got {self.num_probes!r}")
+        for name in ("steps", "batch_size", "eval_every", "log_every", "eval_batch_size",
                      "num_train", "num_test", "max_length"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 raise ZotuneError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
@@ -261,11 +323,20 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
     dev = data.dev[: cfg.eval_dev] if cfg.eval_dev else data.dev
     model, _, scorer, params = build(cfg, task)
     loss_of = objective_fn(cfg, task, scorer)
-    opt = ZOOptimizer(list(params.items()), lr=cfg.lr, eps=cfg.eps, method=cfg.method, seed=cfg.seed,
-                      direction=cfg.direction, num_probes=cfg.num_probes, one_sided=cfg.one_sided,
-                      weight_decay=cfg.weight_decay, schedule=cfg.schedule,
-                      warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,
-                      defer_update=cfg.defer_update)
+    try:
+        opt = ZOOptimizer(list(params.items()), lr=cfg.lr, eps=cfg.eps, method=cfg.method,
+                          seed=cfg.seed, num_probes=cfg.num_probes,
+                          one_sided=cfg.one_sided, weight_decay=cfg.weight_decay,
+                          schedule=cfg.schedule, warmup_steps=cfg.warmup_steps,
+                          total_steps=cfg.steps, defer_update=cfg.defer_update,
+                          **cfg.optimizer_options())
+    except ValueError as err:
+        raise ZotuneError(f"method {cfg.method!r}: {err}") from None
+    if opt.projection is not None:  # the projection search draws its own batches
+        search = BatchSampler(len(data.train), cfg.batch_size, rng.mix(cfg.seed, 0x53454152))
+        iterations = opt.projection.iterations
+        opt.search_closures = lambda step, j: (
+            lambda b=[data.train[i] for i in search.indices(step * iterations + j)]: loss_of(b))
     state = RunState()
     metrics_path = out / "metrics.jsonl"
     if resume:

@@ -1,0 +1,180 @@
+"""MeZO, KerZOO, KerZOO-code, DiZO, PeZO and a composition, at one budget of forward passes.
+
+For each (task, trainable scheme, seed, method): SmolLM2-135M with MeZO's prompt and data protocol,
+the same batches (zotune.train.BatchSampler, same seed), the same lr and eps for every method, and
+training until ``--budget`` forward passes have been spent (every forward counts: KerZOO-code's 6
+per step, DiZO's search forwards). Test accuracy on a fixed test subset every ``--eval-every``
+forward passes. Each method's numbers of random numbers generated per step are read from the
+engine's counter.
+
+One JSON line per eval point is appended to ``--log`` (so runs can be split across invocations
+and the table rebuilt with ``--from-log``); the summary table goes to docs/benchmarks.md and the
+curves (accuracy against forward passes and against wall-clock, mean over seeds) to
+docs/methods_<task>_<trainable>.png.
+
+    python benchmarks/methods.py --data-dir ../shared/data --tasks sst2 --trainable full --seeds 0 1
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from step_speed import write_section  # noqa: E402
+
+from zotune import ZOOptimizer, rng  # noqa: E402
+from zotune.models import load_model, select_trainable, trainable_parameters  # noqa: E402
+from zotune.objectives import CandidateScorer  # noqa: E402
+from zotune.tasks import get_task  # noqa: E402
+from zotune.train import DEFAULT_EPS, BatchSampler, evaluate  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = {
+    "mezo": {"method": "mezo"},
+    "kerzoo": {"method": "kerzoo"},
+    "kerzoo-code": {"method": "kerzoo-code"},
+    "dizo": {"method": "dizo"},
+    "pezo": {"method": "pezo"},
+    # The composition: KerZOO's estimator on PeZO's pool, with DiZO's projection.
+    "kerzoo+pezo+dizo": {"method": "dizo", "kernel": {}, "direction": "pezo-pool"},
+}
+LR = {"full": 1e-5, "lora": 1e-4}
+
+
+def run(args, task, data, test, trainable, seed, name, log):
+    model, tok = load_model(args.model)
+    model = select_trainable(model, trainable, seed=seed)
+    model.eval()
+    scorer = CandidateScorer(model, tok)
+    params = trainable_parameters(model)
+    lr = args.lr if args.lr is not None else LR[trainable]
+    eps = args.eps if args.eps is not None else DEFAULT_EPS[trainable]
+    opt = ZOOptimizer(params, lr=lr, eps=eps, seed=seed, defer_update=True, **METHODS[name])
+    sampler = BatchSampler(len(data.train), args.batch_size, seed)
+    if opt.projection is not None:
+        search = BatchSampler(len(data.train), args.batch_size, rng.mix(seed, 0x53454152))
+        its = opt.projection.iterations
+        opt.search_closures = lambda step, j: (
+            lambda b=[data.train[i] for i in search.indices(step * its + j)]: scorer.classification_loss(b))
+    base = {"task": task.name, "trainable": trainable, "seed": seed, "method": name, "lr": lr, "eps": eps}
+    train_s, step, next_eval = 0.0, 0, 0
+    while True:
+        if opt.forward_passes >= next_eval:
+            opt.flush()
+            rec = {**base, "forward_passes": opt.forward_passes, "steps": step, "train_s": train_s,
+                   "test_acc": evaluate(scorer, task, test, 32),
+                   "numbers_per_step": opt.engine.numbers_drawn / max(step, 1)}
+            print(json.dumps(rec), flush=True)
+            with open(log, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            next_eval += args.eval_every
+        if opt.forward_passes >= args.budget:
+            break
+        batch = [data.train[i] for i in sampler.indices(step)]
+        start = time.perf_counter()
+        opt.step(lambda: scorer.classification_loss(batch))
+        train_s += time.perf_counter() - start
+        step += 1
+    opt.engine.close()
+
+
+def summarise(records, args):
+    """Table rows and curves per (task, trainable): mean over seeds at each eval point."""
+    groups: dict = {}
+    for r in records:
+        groups.setdefault((r["task"], r["trainable"]), {}).setdefault(r["method"], []).append(r)
+    sections = []
+    for (task, trainable), methods in groups.items():
+        curves = {}
+        for name, recs in methods.items():
+            by_fp: dict = {}
+            for r in recs:
+                by_fp.setdefault(r["forward_passes"] // args.eval_every * args.eval_every, []).append(r)
+            pts = sorted(by_fp.items())
+            curves[name] = [(fp, statistics.mean(r["test_acc"] for r in rs),
+                             statistics.mean(r["train_s"] for r in rs), rs) for fp, rs in pts]
+        mezo_final = curves["mezo"][-1][1] if "mezo" in curves else None
+        if mezo_final is not None and mezo_final <= curves["mezo"][0][1]:
+            mezo_final = None  # MeZO did not improve on zero-shot: nothing to reach
+        rows = ["| method | seeds | final test acc (mean; per seed) | forward passes / wall-clock s to "
+                "MeZO's final | train s per forward pass | random numbers per step |",
+                "|---|---|---|---|---|---|"]
+        for name, pts in curves.items():
+            final = pts[-1]
+            seeds = sorted({r["seed"] for r in final[3]})
+            per_seed = ", ".join(f"{r['test_acc']:.1f}" for r in sorted(final[3], key=lambda r: r["seed"]))
+            reach = next(((fp, s) for fp, acc, s, _ in pts if mezo_final is not None and acc >= mezo_final),
+                         None)
+            fps = final[0] or 1
+            numbers = statistics.mean(r["numbers_per_step"] for r in final[3])
+            rows.append(f"| {name} | {len(seeds)} | {final[1]:.1f} ({per_seed}) | "
+                        f"{f'{reach[0]} / {reach[1]:.0f}' if reach else ('not reached' if mezo_final else 'n/a')} | "
+                        f"{final[2] / fps:.2f} | {numbers:.3g} |")
+        png = f"methods_{task}_{trainable}.png"
+        plot(curves, ROOT / "docs" / png, f"{task}, {trainable}, SmolLM2-135M")
+        sections.append(f"### {task}, {trainable}\n\n" + "\n".join(rows) + f"\n\n![{task} {trainable}]({png})\n")
+    return sections
+
+
+def plot(curves, path, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for name, pts in curves.items():
+        fp, acc, secs = [p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts]
+        axes[0].plot(fp, acc, marker="o", markersize=3, label=name)
+        axes[1].plot(secs, acc, marker="o", markersize=3, label=name)
+    axes[0].set(xlabel="forward passes", ylabel="test accuracy (%, mean over seeds)", title=title)
+    axes[1].set(xlabel="training wall-clock (s)")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--data-dir", default=os.environ.get("ZOTUNE_DATA"))
+    p.add_argument("--tasks", nargs="*", default=["sst2", "rte"])
+    p.add_argument("--trainable", nargs="*", default=["full", "lora"], choices=["full", "lora"])
+    p.add_argument("--seeds", nargs="*", type=int, default=[0, 1])
+    p.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--budget", type=int, default=1000, help="forward passes per run")
+    p.add_argument("--eval-every", type=int, default=100, help="forward passes between evaluations")
+    p.add_argument("--test-size", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--eps", type=float)
+    p.add_argument("--log", default="methods.jsonl")
+    p.add_argument("--from-log", action="store_true", help="only rebuild the table and plots from --log")
+    p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
+    args = p.parse_args()
+    if not args.from_log:
+        for task_name in args.tasks:
+            task = get_task(task_name)
+            data = task.load(args.data_dir, seed=0)
+            test = data.test[: args.test_size]
+            for trainable in args.trainable:
+                for seed in args.seeds:
+                    for name in args.methods:
+                        run(args, task, data, test, trainable, seed, name, args.log)
+    records = [json.loads(line) for line in Path(args.log).read_text().splitlines() if line.strip()]
+    cmd = "python benchmarks/methods.py " + " ".join(a for a in sys.argv[1:] if a != "--from-log")
+    text = (f"## Methods at one forward-pass budget (`benchmarks/methods.py`)\n\nCommand: `{cmd.strip()}`\n\n"
+            f"SmolLM2-135M, MeZO prompts and data protocol, batch {args.batch_size}, the same lr and eps "
+            f"for every method, test accuracy on the first {args.test_size} test examples, "
+            f"evaluated every {args.eval_every} forward passes. Wall-clock is training time only.\n\n"
+            + "\n".join(summarise(records, args)))
+    write_section(Path(args.out), text, "methods")
+
+
+if __name__ == "__main__":
+    main()
