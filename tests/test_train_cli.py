@@ -167,3 +167,39 @@ def test_existing_run_is_not_overwritten_and_checkpoint_errors(tiny_dir, data_di
     (latest / "trainable.safetensors").write_bytes(b"not a safetensors file")
     assert "cannot read checkpoint" in error_of(capsys, train_args(tiny_dir, data_dir, out, 6, "--resume"))
     assert "nothing to resume" in error_of(capsys, train_args(tiny_dir, data_dir, tmp_path / "new", 6, "--resume"))
+
+
+COMPOSITIONS = {
+    "kerzoo-code": ["--method", "kerzoo-code"],
+    "pezo": ["--method", "pezo"],
+    "dizo": ["--method", "dizo", "--dizo-interval", 2, "--dizo-iterations", 2],
+    "dizo-fo": ["--method", "dizo-fo", "--dizo-interval", 2, "--dizo-iterations", 2],
+    "kerzoo+pezo+dizo": ["--method", "dizo", "--estimator", "kernel", "--direction", "pezo-pool",
+                         "--dizo-interval", 2, "--dizo-iterations", 2],
+}
+
+
+@pytest.mark.parametrize("name", COMPOSITIONS)
+def test_presets_and_compositions_train_and_resume_exactly(tiny_dir, data_dir, tmp_path, name):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    extra = COMPOSITIONS[name]
+    assert run(train_args(tiny_dir, data_dir, straight, 4, *extra)) == 0
+    assert run(train_args(tiny_dir, data_dir, resumed, 2, *extra)) == 0
+    assert run(train_args(tiny_dir, data_dir, resumed, 4, "--resume", *extra)) == 0
+    a, b = final_params(straight), final_params(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    summary = json.loads((straight / "summary.json").read_text())
+    per_step = 6 if name == "kerzoo-code" else 2
+    searches = 2 * 2 * 2 if "dizo" in name else 0  # 2 searches x 2 iterations x 2 forwards
+    assert summary["forward_passes"] == 4 * per_step + searches
+
+
+def test_composition_errors(tiny_dir, data_dir, tmp_path, capsys):
+    base = train_args(tiny_dir, data_dir, tmp_path / "x", 2)
+    assert "valid: spsa, kernel" in error_of(capsys, base + ["--estimator", "newton"])
+    assert "valid: none, dizo, dizo-fo" in error_of(capsys, base + ["--projection", "maybe"])
+    assert "agd" in error_of(capsys, base + ["--update", "lion"])
+    assert "kernel order" in error_of(capsys, base + ["--kernel-order", 4])
+    assert "r_sharing" in error_of(capsys, base + ["--kernel-r-sharing", "layer"])
+    assert "pool" in error_of(capsys, base + ["--pool-size", 100])
+    assert "pattern" in error_of(capsys, base + ["--method", "dizo", "--dizo-pattern", "no_such_tensor"])

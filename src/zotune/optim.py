@@ -356,7 +356,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         zo = {"method": self.method, "seed": self.seed, "step": self._step, "updates": self._updates,
               "skipped_steps": self.skipped_steps, "forward_passes": self.forward_passes,
               "pending": pending, "current": list(self.engine.current),
-              "estimator": self.estimator.state_dict()}
+              "estimator": self.estimator.state_dict(),
+              "projection": self.projection.state_dict() if self.projection is not None else None}
         return {"state": state, "param_groups": groups, "zo": zo}
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -383,6 +384,10 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.seed, self._step, self._updates = zo["seed"], zo["step"], zo["updates"]
         self.skipped_steps, self.forward_passes = zo["skipped_steps"], zo["forward_passes"]
         self.estimator.load_state_dict(zo["estimator"])
+        if self.projection is not None:
+            if zo.get("projection") is None:
+                raise ValueError("state dict has no projection state, but this optimizer projects")
+            self.projection.load_state_dict(zo["projection"])
         self.engine.current = tuple((int(k), _coef(a)) for k, a in zo["current"])
         self._pending = None
         if zo["pending"] is not None:

@@ -11,11 +11,14 @@ import torch
 
 from .. import rng
 from .base import Direction, Position
+from .pezo import PeZOBank, PeZOPool
 from .standard import Gaussian, Pooled, Rademacher, Uniform
 
-DIRECTIONS = {"gaussian": Gaussian, "rademacher": Rademacher, "uniform": Uniform, "pooled": Pooled}
+DIRECTIONS = {"gaussian": Gaussian, "rademacher": Rademacher, "uniform": Uniform, "pooled": Pooled,
+              "pezo-pool": PeZOPool, "pezo-bank": PeZOBank}
 
-__all__ = ["DIRECTIONS", "Direction", "Gaussian", "Pooled", "Position", "Rademacher", "Uniform",
+__all__ = ["DIRECTIONS", "Direction", "Gaussian", "PeZOBank", "PeZOPool", "Pooled", "Position",
+           "Rademacher", "Uniform",
            "draw", "make_direction", "materialize", "probe_key"]
 
 
