@@ -190,7 +190,8 @@ def test_presets_and_compositions_train_and_resume_exactly(tiny_dir, data_dir, t
     assert all(torch.equal(a[k], b[k]) for k in a)
     summary = json.loads((straight / "summary.json").read_text())
     per_step = 6 if name == "kerzoo-code" else 2
-    searches = 2 * 2 * 2 if "dizo" in name else 0  # 2 searches x 2 iterations x 2 forwards
+    # 2 searches x 2 iterations x 2 forwards (ZO) or 1 forward and 1 backward (FO)
+    searches = (4 if name == "dizo-fo" else 8) if "dizo" in name else 0
     assert summary["forward_passes"] == 4 * per_step + searches
 
 

@@ -121,7 +121,6 @@ class CandidateScorer:
         logits = self.model(**kwargs).logits
         return logits if keep is None else logits[:, -keep:]
 
-    @torch.no_grad()
     def token_logprobs(self, pairs: list[tuple[Example, int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probs of the candidate tokens of each (example, candidate index) pair, in one forward.
 
@@ -171,8 +170,9 @@ class CandidateScorer:
         return logp, torch.tensor(segment, device=dev)
 
     # ------------------------------------------------------------------ scores and losses
+    # Scores and training losses follow the caller's grad mode: ZO steps run them under no_grad,
+    # DiZO's first-order search differentiates them.
 
-    @torch.no_grad()
     def scores(self, examples: list[Example]) -> torch.Tensor:
         """Length-normalised log-likelihood of every candidate: [B, C] (-inf where an example has
         fewer than C candidates)."""
@@ -198,13 +198,11 @@ class CandidateScorer:
                                   f"(0..{len(ex.candidates) - 1}); unlabeled data cannot be a loss")
         return torch.tensor([ex.label for ex in examples], device=device)
 
-    @torch.no_grad()
     def classification_loss(self, examples: list[Example]) -> torch.Tensor:
         """MeZO's train_as_classification: mean_b CE(softmax_c s_{b,c}, label_b)."""
         scores = self.scores(examples)
         return F.cross_entropy(scores, self._labels(examples, scores.device))
 
-    @torch.no_grad()
     def answer_loss(self, examples: list[Example]) -> torch.Tensor:
         """MeZO's SFT objective: token-level CE over the gold candidate's tokens only, averaged over
         all gold tokens of the batch (only gold sequences are run)."""
