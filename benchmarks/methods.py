@@ -83,6 +83,35 @@ def run(args, task, data, test, trainable, seed, name, log):
     opt.engine.close()
 
 
+def timing(args, data, trainable):
+    """Step time of every method, side by side in one process on one batch (median of
+    ``--timing-steps`` steps after one warm-up step), as a ratio to MeZO's and per forward pass."""
+    model, tok = load_model(args.model)
+    model = select_trainable(model, trainable, seed=0)
+    model.eval()
+    scorer = CandidateScorer(model, tok)
+    params = trainable_parameters(model)
+    batch = data.train[: args.batch_size]
+    rows = []
+    for name in args.methods:
+        opt = ZOOptimizer(params, lr=0.0, eps=1e-3, seed=0, defer_update=True, **METHODS[name])
+        times = []
+        for i in range(args.timing_steps + 1):
+            start = time.perf_counter()
+            fp0 = opt.forward_passes
+            opt.step(lambda: scorer.classification_loss(batch))
+            if i:
+                times.append((time.perf_counter() - start, opt.forward_passes - fp0))
+        opt.flush()
+        opt.engine.close()
+        step_s = statistics.median(t for t, _ in times)
+        rows.append({"timing": name, "trainable": trainable, "step_s": step_s,
+                     "forwards_per_step": statistics.mean(f for _, f in times),
+                     "numbers_per_step": opt.engine.numbers_drawn / (args.timing_steps + 1)})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def summarise(records, args):
     """Table rows and curves per (task, trainable): mean over seeds at each eval point."""
     groups: dict = {}
@@ -121,6 +150,21 @@ def summarise(records, args):
     return sections
 
 
+def timing_table(rows):
+    if not rows:
+        return ""
+    mezo = next((r["step_s"] for r in rows if r["timing"] == "mezo"), None)
+    out = ["\n### Step time, side by side (`--timing-steps`)\n",
+           "| method | s per step | ratio to MeZO's step | forward passes per step | s per forward pass "
+           "| random numbers per step |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = f"{r['step_s'] / mezo:.2f}" if mezo else ""
+        out.append(f"| {r['timing']} ({r['trainable']}) | {r['step_s']:.2f} | {ratio} | "
+                   f"{r['forwards_per_step']:.0f} | {r['step_s'] / r['forwards_per_step']:.2f} | "
+                   f"{r['numbers_per_step']:.3g} |")
+    return "\n".join(out) + "\n\nDiZO's search (20 forward passes every 50 steps) is not in the step time.\n"
+
+
 def plot(curves, path, title):
     import matplotlib
     matplotlib.use("Agg")
@@ -155,6 +199,8 @@ def main():
     p.add_argument("--eps", type=float)
     p.add_argument("--log", default="methods.jsonl")
     p.add_argument("--from-log", action="store_true", help="only rebuild the table and plots from --log")
+    p.add_argument("--timing-steps", type=int, default=0,
+                   help="also time each method's step side by side (DiZO's search excluded)")
     p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     args = p.parse_args()
     if not args.from_log:
@@ -166,13 +212,20 @@ def main():
                 for seed in args.seeds:
                     for name in args.methods:
                         run(args, task, data, test, trainable, seed, name, args.log)
+    if args.timing_steps:
+        data = get_task(args.tasks[0]).load(args.data_dir, seed=0)
+        with open(args.log, "a") as f:
+            for row in timing(args, data, args.trainable[0]):
+                f.write(json.dumps(row) + "\n")
     records = [json.loads(line) for line in Path(args.log).read_text().splitlines() if line.strip()]
+    timings = [r for r in records if "timing" in r]
+    records = [r for r in records if "timing" not in r]
     cmd = "python benchmarks/methods.py " + " ".join(a for a in sys.argv[1:] if a != "--from-log")
     text = (f"## Methods at one forward-pass budget (`benchmarks/methods.py`)\n\nCommand: `{cmd.strip()}`\n\n"
             f"SmolLM2-135M, MeZO prompts and data protocol, batch {args.batch_size}, the same lr and eps "
             f"for every method, test accuracy on the first {args.test_size} test examples, "
             f"evaluated every {args.eval_every} forward passes. Wall-clock is training time only.\n\n"
-            + "\n".join(summarise(records, args)))
+            + "\n".join(summarise(records, args)) + timing_table(timings))
     write_section(Path(args.out), text, "methods")
 
 
