@@ -18,17 +18,21 @@ the default): :math:`\gamma = \|\Delta\|` to start, then ``iterations`` SPSA ste
 :math:`u^l \sim N(0, 1)` clipped to :math:`\pm\tau\|\Delta^l\|/\epsilon_\gamma`,
 :math:`h = (L^+ - L^-)/(2\epsilon_\gamma)` and
 :math:`\gamma^l \leftarrow \mathrm{clip}(\gamma^l - \eta_\gamma \|\Delta^l\| h u^l)` into the range.
-First-order search (``search="fo"``): Adam on :math:`\gamma` with an L1 penalty, through
-:math:`\partial L / \partial \gamma^l = \langle \nabla_{\theta^l} L, \Delta^l \rangle / \|\Delta^l\|`
-(one backward pass to the projected tensors only; no model copy, so no memory growth).
+First-order search (``search="fo"``): Adam on :math:`\gamma` with an L1 penalty and no range,
+through :math:`\partial L / \partial \gamma^l = \langle \nabla_{\theta^l} L, \Delta^l \rangle /
+\|\Delta^l\|` (one backward pass to the projected tensors only; no model copy, so none of the
+memory growth the authors warn about).
 
-Cost: 2 x ``iterations`` forward passes per ZO search (+0.4 per step at the defaults, +20% over
-MeZO), ``iterations`` forward+backward passes per FO search. Memory: fp32 anchors of the
-projected tensors only (attention k and v: about 1/6 of a transformer block's weights), plus a
-transient fp32 copy of their displacement during a search.
+Cost: 2 x ``iterations`` forward passes per ZO search (+2J/interval = +0.4 per step at the
+defaults, +20% over MeZO); ``iterations`` forward+backward passes per FO search. Memory: fp32
+anchors of the projected tensors only (attention k and v: about 1/6 of a transformer block's
+weights), plus, during a search, a transient fp32 copy of their displacement (and for FO the
+activations and the gradient of the projected tensors).
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -44,16 +48,21 @@ FO_INITS = ("norm", "zero")
 
 @dataclass(frozen=True)
 class Target:
-    """One projected layer: a tensor, or the slice ``start:stop`` of it along ``dim`` (GPT-2 keeps
-    q, k and v side by side in one ``c_attn`` weight)."""
+    """One projected layer: a whole tensor (``dim=None``), or the slice ``start:stop`` of it along
+    ``dim`` (GPT-2 keeps q, k and v side by side in the columns of one ``c_attn`` weight)."""
 
     name: str
     dim: int | None = None
     start: int = 0
     stop: int | None = None
 
+    def __post_init__(self) -> None:
+        if self.dim is not None and not (self.stop is not None and 0 <= self.start < self.stop):
+            raise ValueError(f"DiZO target {self.name!r}: a slice needs 0 <= start < stop, "
+                             f"got start={self.start!r}, stop={self.stop!r}")
+
     def view(self, flat: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-        """This target's elements inside a flat view of its tensor."""
+        """This target's elements inside a flat view of its tensor (a view: writes go through)."""
         full = flat.view(shape)
         if self.dim is None:
             return full
@@ -61,9 +70,13 @@ class Target:
 
 
 def default_targets(names: Sequence[str], shapes: Mapping[str, torch.Size]) -> list[Target]:
-    """DiZO's projected layers, made explicit for every architecture: all LoRA tensors under LoRA;
-    otherwise the attention key and value weights of every block (``k_proj``/``v_proj`` in Llama,
-    Qwen2, Mistral and OPT; the k and v column blocks of GPT-2's fused ``c_attn``)."""
+    """DiZO's projected layers, made explicit for every architecture: all LoRA tensors (names with
+    ``lora_A``/``lora_B``) if there are any; otherwise the attention key and value weights of every
+    block (``k_proj``/``v_proj`` in Llama, Qwen2, Mistral and OPT; the k and v column blocks of
+    GPT-2's fused ``c_attn``, a Conv1D weight of shape (d, 3d) = [q | k | v]).
+
+    Raises ValueError when nothing matches, rather than silently projecting nothing (which turns
+    DiZO into MeZO at 20% extra cost, as the authors' OPT-only detection does)."""
     lora = [Target(n) for n in names if "lora_A" in n or "lora_B" in n]
     if lora:
         return lora
@@ -72,7 +85,11 @@ def default_targets(names: Sequence[str], shapes: Mapping[str, torch.Size]) -> l
         if n.endswith(("k_proj.weight", "v_proj.weight")):
             targets.append(Target(n))
         elif n.endswith("attn.c_attn.weight"):
-            d = shapes[n][1] // 3  # Conv1D weight: (in, 3 * out) = [q | k | v]
+            shape = shapes[n]
+            if len(shape) != 2 or shape[1] % 3:
+                raise ValueError(f"{n!r} has shape {tuple(shape)}; a fused GPT-2 c_attn weight is "
+                                 "(d, 3d). Pass a DiZO pattern instead")
+            d = shape[1] // 3
             targets += [Target(n, 1, d, 2 * d), Target(n, 1, 2 * d, 3 * d)]
     if not targets:
         raise ValueError("DiZO found no attention key/value weights or LoRA tensors among the trainable "
@@ -82,7 +99,7 @@ def default_targets(names: Sequence[str], shapes: Mapping[str, torch.Size]) -> l
 
 
 def targets_from_pattern(names: Sequence[str], pattern: str) -> list[Target]:
-    """The tensors whose names match the regular expression ``pattern``."""
+    """The whole tensors whose names match the regular expression ``pattern`` (``re.search``)."""
     try:
         regex = re.compile(pattern)
     except re.error as err:
@@ -95,38 +112,52 @@ def targets_from_pattern(names: Sequence[str], pattern: str) -> list[Target]:
 
 
 class DiZO:
-    """DiZO's layer-wise projection, run by ``ZOOptimizer`` after every ``interval``-th update.
+    """DiZO's layer-wise projection, run by the optimizer after every ``interval``-th update.
+
+    Protocol: :meth:`bind` once (anchors theta_0), then after the update of 0-based step ``t``, if
+    :meth:`due` (t), call :meth:`project` (ZO) or :meth:`project_fo` (FO) with the parameters
+    unperturbed (``engine.current == ()``; flush a deferred update first). Parameters are read and
+    written through ``engine.base`` + ``engine.sync``, so fp32 master copies are what is projected.
 
     Args:
         interval: steps between projections, kappa (50).
         iterations: search iterations per projection, J (10).
         eps: perturbation of the norms, epsilon_gamma (0.1).
         step_size: ZO search step, relative to each layer's norm, eta_gamma (2.0).
-        clip: the ratio gamma / ||Delta|| stays in [1 - clip, 1 + clip] (0.2).
+        clip: the ZO search keeps gamma / ||Delta|| in [1 - clip, 1 + clip] (0.2); 0 disables it.
         search: ``zo`` (default) or ``fo`` (backprop to gamma only).
-        fo_lr, fo_l1: the FO search's Adam learning rate (0.1) and L1 weight (1e-3).
-        fo_init: ``norm`` (gamma starts each search at ||Delta||, ratio 1) or ``zero`` (the authors'
-            code: gamma starts at 0 once and persists across searches).
-        pattern: regex of the tensors to project (default: ``default_targets``).
+        fo_lr, fo_l1: the FO search's Adam learning rate (0.1) and L1 weight on gamma (1e-3).
+        fo_init: ``norm`` (default: gamma starts every FO search at ||Delta||, ratio 1, fresh Adam)
+            or ``zero`` (the authors' code: gamma starts at 0 once and persists, with its Adam
+            state, across searches; the first search therefore starts from theta = theta_0).
+        pattern: regex of the tensors to project (default: :func:`default_targets`).
+
+    Attributes:
+        targets, anchors: the projected layers and their fp32 theta_0 (fp64 for fp64 tensors).
+        last_ratios: gamma / ||Delta|| chosen by the last search, per target (for logging).
+        forward_passes, backward_passes, searches: counters (2J forwards per ZO search; J forwards
+            and J backwards per FO search).
     """
 
     def __init__(self, interval: int = 50, iterations: int = 10, eps: float = 0.1, step_size: float = 2.0,
                  clip: float = 0.2, search: str = "zo", fo_lr: float = 0.1, fo_l1: float = 1e-3,
                  fo_init: str = "norm", pattern: str | None = None) -> None:
         for name, value in (("interval", interval), ("iterations", iterations)):
-            if not (isinstance(value, int) and value >= 1):
+            if isinstance(value, bool) or not (isinstance(value, int) and value >= 1):
                 raise ValueError(f"DiZO {name} must be an integer >= 1, got {value!r}")
         for name, value in (("eps", eps), ("step_size", step_size), ("fo_lr", fo_lr)):
-            if not value > 0:
-                raise ValueError(f"DiZO {name} must be > 0, got {value!r}")
-        if not 0 <= clip < 1:
+            if not (isinstance(value, (int, float)) and 0 < value < math.inf):
+                raise ValueError(f"DiZO {name} must be a finite number > 0, got {value!r}")
+        if not (isinstance(clip, (int, float)) and 0 <= clip < 1):
             raise ValueError(f"DiZO clip must be in [0, 1), got {clip!r}")
-        if not fo_l1 >= 0:
-            raise ValueError(f"DiZO fo_l1 must be >= 0, got {fo_l1!r}")
+        if not (isinstance(fo_l1, (int, float)) and 0 <= fo_l1 < math.inf):
+            raise ValueError(f"DiZO fo_l1 must be a finite number >= 0, got {fo_l1!r}")
         if search not in SEARCHES:
             raise ValueError(f"unknown DiZO search {search!r}; valid: {', '.join(SEARCHES)}")
         if fo_init not in FO_INITS:
             raise ValueError(f"unknown DiZO fo_init {fo_init!r}; valid: {', '.join(FO_INITS)}")
+        if pattern is not None and not isinstance(pattern, str):
+            raise ValueError(f"DiZO pattern must be a regex string or None, got {pattern!r}")
         self.interval, self.iterations, self.eps, self.step_size = interval, iterations, eps, step_size
         self.clip, self.search, self.fo_lr, self.fo_l1, self.fo_init = clip, search, fo_lr, fo_l1, fo_init
         self.pattern = pattern
@@ -135,122 +166,186 @@ class DiZO:
         self.gamma: torch.Tensor | None = None  # FO search's persistent norms (fo_init="zero")
         self.adam_state: dict | None = None
         self.last_ratios: list[float] = []
+        self.forward_passes = self.backward_passes = self.searches = 0
         self._index: list[int] = []
 
     # ----------------------------------------------------------------- setup
     def bind(self, engine) -> None:
-        """Choose the projected targets among the engine's tensors and anchor them (fp32 copies
-        of their current values: theta_0)."""
+        """Choose the projected targets among the engine's tensors and anchor them: fp32 copies of
+        their current unperturbed values (theta_0). Only the targets are copied, never the model."""
         names = [t.name for t in engine.tensors]
         shapes = {t.name: t.param.shape for t in engine.tensors}
         self.targets = (targets_from_pattern(names, self.pattern) if self.pattern
                         else default_targets(names, shapes))
         where = {t.name: i for i, t in enumerate(engine.tensors)}
         self._index = [where[t.name] for t in self.targets]
-        # fp32 anchors (fp64 for fp64 parameters): at least as precise as the base they anchor
         views = [self._view(engine, i).detach() for i in range(len(self.targets))]
-        self.anchors = [v.to(torch.promote_types(v.dtype, torch.float32)).clone() for v in views]
+        self.anchors = [v.to(torch.promote_types(v.dtype, torch.float32), copy=True) for v in views]
 
     def due(self, step: int) -> bool:
-        """Whether a projection follows the update of (0-based) ``step``."""
+        """Whether a projection follows the update of (0-based) ``step``: steps interval-1, 2 interval-1, ..."""
         return (step + 1) % self.interval == 0
 
     def memory_bytes(self) -> int:
         """Bytes held between searches (the anchors)."""
         return sum(a.numel() * a.element_size() for a in self.anchors)
 
-    def _view(self, engine, i: int) -> torch.Tensor:
-        ti = self._index[i]
-        return self.targets[i].view(engine.base(ti), engine.tensors[ti].param.shape)
-
-    def _displacements(self, engine) -> tuple[list[torch.Tensor], torch.Tensor]:
+    # ------------------------------------------------------------ projection
+    def displacements(self, engine) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """``(Delta_l, ||Delta_l||)``: exact fp32 displacements from the anchors (a transient copy of
+        the projected targets) and their Frobenius norms (float64)."""
         delta = [self._view(engine, i).to(a.dtype) - a for i, a in enumerate(self.anchors)]
         norms = torch.tensor([float(d.norm()) for d in delta], dtype=torch.float64)
         return delta, norms
 
-    def _write(self, engine, delta, ratios) -> None:
-        """theta_l = anchor_l + ratio_l Delta_l for every target, then sync master copies."""
+    def rescale(self, engine, ratios: Sequence[float], delta: Sequence[torch.Tensor] | None = None) -> None:
+        """Set ``theta_l = anchor_l + ratios[l] * Delta_l`` for every target (the projection for
+        given gamma_l / ||Delta_l||), through ``engine.base`` and ``engine.sync``."""
+        if delta is None:
+            delta, _ = self.displacements(engine)
+        ratios = [float(r) for r in ratios]
+        if len(ratios) != len(self.targets):
+            raise ValueError(f"DiZO needs one ratio per target ({len(self.targets)}), got {len(ratios)}")
         for i, (a, d) in enumerate(zip(self.anchors, delta)):
-            view = self._view(engine, i)
-            view.copy_(torch.add(a, d, alpha=float(ratios[i])))
+            self._view(engine, i).copy_(torch.add(a, d, alpha=ratios[i]))
         for ti in sorted(set(self._index)):
             engine.sync(ti)
+
+    def _view(self, engine, i: int) -> torch.Tensor:
+        ti = self._index[i]
+        return self.targets[i].view(engine.base(ti), engine.tensors[ti].param.shape)
 
     # ---------------------------------------------------------------- search
     @torch.no_grad()
     def project(self, engine, evaluate: Callable[[int], float], key: int) -> None:
-        """The ZO search, then the projection. ``evaluate(j)`` is the loss of search batch j at the
-        current parameters; ``key`` seeds the norm perturbations."""
-        delta, n = self._displacements(engine)
-        moving = n > 0
-        gamma = n.clone()
+        """The ZO search, then the projection. ``evaluate(j)`` returns the loss (float) of search
+        batch j at the current parameters; ``key`` seeds the norm perturbations (iteration j draws
+        from ``rng.mix(key, j)``). An iteration with a non-finite loss does not move gamma."""
+        delta, n = self.displacements(engine)
+        moving = n > 0                     # a layer with Delta = 0 keeps ratio 1 (nothing to scale)
         safe = torch.where(moving, n, torch.ones_like(n))
-        bound = self.clip * n / self.eps
-        for j in range(self.iterations):
-            u = torch.randn(len(n), generator=rng.generator(rng.mix(key, j)), dtype=torch.float64)
-            u = torch.maximum(torch.minimum(u, bound), -bound)
-            self._write(engine, delta, torch.where(moving, (gamma + self.eps * u) / safe, 1.0))
-            plus = evaluate(j)
-            self._write(engine, delta, torch.where(moving, (gamma - self.eps * u) / safe, 1.0))
-            minus = evaluate(j)
-            if math.isfinite(plus) and math.isfinite(minus):
-                h = (plus - minus) / (2 * self.eps)
-                gamma = gamma - self.step_size * n * h * u
-                gamma = torch.maximum(torch.minimum(gamma, (1 + self.clip) * n), (1 - self.clip) * n)
-        ratios = torch.where(moving, gamma / safe, 1.0)
-        self._write(engine, delta, ratios)
-        self.last_ratios = ratios.tolist()
+        gamma, bound = n.clone(), self.clip * n / self.eps
+        lo, hi = (1 - self.clip) * n, (1 + self.clip) * n
+        ratio = lambda g: torch.where(moving, g / safe, 1.0)
+        try:
+            for j in range(self.iterations):
+                u = torch.randn(len(n), generator=rng.generator(rng.mix(key, j)), dtype=torch.float64)
+                u = torch.maximum(torch.minimum(u, bound), -bound)
+                self.rescale(engine, ratio(gamma + self.eps * u), delta)
+                plus = float(evaluate(j))
+                self.rescale(engine, ratio(gamma - self.eps * u), delta)
+                minus = float(evaluate(j))
+                self.forward_passes += 2
+                if math.isfinite(plus) and math.isfinite(minus):
+                    h = (plus - minus) / (2 * self.eps)
+                    gamma = torch.maximum(torch.minimum(gamma - self.step_size * n * h * u, hi), lo)
+        except BaseException:
+            self.rescale(engine, [1.0] * len(n), delta)  # back to where the search started
+            raise
+        self.rescale(engine, ratio(gamma), delta)
+        self.last_ratios = ratio(gamma).tolist()
+        self.searches += 1
 
     def project_fo(self, engine, loss_with_grad: Callable[[int], torch.Tensor], key: int) -> None:
-        """The first-order search, then the projection. ``loss_with_grad(j)`` computes the
-        differentiable loss of search batch j with the model as it is; only the projected
-        tensors' gradients are taken (``torch.autograd.grad``: no ``.grad`` buffers)."""
+        """The first-order search, then the projection.
+
+        ``loss_with_grad(j)`` computes the differentiable scalar loss of search batch j with the
+        model as it is (it closes over the model; no model argument is needed here, because the
+        projected tensors are the engine's own Parameters). Grad mode is enabled around it. Each
+        iteration writes theta_l = anchor_l + (gamma_l / ||Delta_l||) Delta_l into the live
+        Parameters (the authors divide by ||Delta_l|| + 1e-8; here a layer with Delta = 0 keeps
+        ratio 1 instead), takes ``torch.autograd.grad`` of the loss with respect to the projected
+        Parameters only (no ``.grad`` buffers, no model copy; ``requires_grad`` is switched off on
+        the other trainable tensors for the search, which also spares their activations, and
+        restored afterwards), contracts it with Delta_l to dL/dgamma_l and takes an Adam step on
+        loss + fo_l1 sum|gamma|. ``key`` is unused (the search is deterministic given the batches).
+        """
+        del key
         with torch.no_grad():
-            delta, n = self._displacements(engine)
-        n32 = n.float()
+            delta, n = self.displacements(engine)
+        moving = n > 0
+        safe = torch.where(moving, n, torch.ones_like(n)).float()
+        ratio = lambda g: torch.where(moving, g.detach() / safe, 1.0).tolist()
         if self.fo_init == "norm" or self.gamma is None:
-            self.gamma = (n32.clone() if self.fo_init == "norm" else torch.zeros_like(n32))
+            self.gamma = n.float() if self.fo_init == "norm" else torch.zeros(len(n))
             self.adam_state = None
         gamma = self.gamma.clone().requires_grad_(True)
         adam = torch.optim.Adam([gamma], lr=self.fo_lr)
         if self.adam_state is not None:
-            adam.load_state_dict(self.adam_state)
+            adam.load_state_dict(copy.deepcopy(self.adam_state))
         params = [engine.tensors[ti].param for ti in self._index]
         unique = list({id(p): p for p in params}.values())
-        for j in range(self.iterations):
+        try:
+            with torch.enable_grad(), _grad_only(unique, [t.param for t in engine.tensors]):
+                for j in range(self.iterations):
+                    with torch.no_grad():
+                        self.rescale(engine, ratio(gamma), delta)
+                    loss = loss_with_grad(j)
+                    self.forward_passes += 1
+                    if not (torch.is_tensor(loss) and loss.requires_grad):
+                        raise RuntimeError("DiZO's FO search needs loss_with_grad to return a tensor "
+                                           "computed with grad enabled; got one without a graph")
+                    if not torch.isfinite(loss.detach()).all():
+                        continue
+                    grads = torch.autograd.grad(loss, unique, allow_unused=True)
+                    self.backward_passes += 1
+                    by_param = dict(zip(map(id, unique), grads))
+                    del loss, grads
+                    with torch.no_grad():
+                        dgamma = torch.zeros_like(gamma)
+                        for i, (target, p) in enumerate(zip(self.targets, params)):
+                            g = by_param[id(p)]
+                            if g is not None:
+                                gi = target.view(g.reshape(-1), p.shape).to(delta[i].dtype)
+                                dgamma[i] = float((gi * delta[i]).sum()) / float(safe[i])
+                        gamma.grad = dgamma + self.fo_l1 * gamma.detach().sign()
+                    del by_param
+                    adam.step()
+        except BaseException:
             with torch.no_grad():
-                self._write(engine, delta, (gamma / (n32 + 1e-8)).tolist())
-            loss = loss_with_grad(j)
-            if not torch.isfinite(loss):
-                continue
-            grads = dict(zip(map(id, unique), torch.autograd.grad(loss, unique, allow_unused=True)))
-            with torch.no_grad():
-                dgamma = torch.zeros_like(gamma)
-                for i, (target, p) in enumerate(zip(self.targets, params)):
-                    g = grads[id(p)]
-                    if g is not None:
-                        gi = target.view(g.reshape(-1), p.shape)
-                        dgamma[i] = float((gi.to(delta[i].dtype) * delta[i]).sum()) / (n32[i] + 1e-8)
-                gamma.grad = dgamma + self.fo_l1 * gamma.sign()
-            adam.step()
-            del loss, grads
+                self.rescale(engine, [1.0] * len(n), delta)
+            raise
         with torch.no_grad():
-            self._write(engine, delta, (gamma / (n32 + 1e-8)).tolist())
-        self.gamma, self.adam_state = gamma.detach().clone(), adam.state_dict()
-        self.last_ratios = (gamma.detach() / (n32 + 1e-8)).tolist()
+            ratios = ratio(gamma)
+            self.rescale(engine, ratios, delta)
+        self.gamma, self.adam_state = gamma.detach().clone(), copy.deepcopy(adam.state_dict())
+        self.last_ratios = ratios
+        self.searches += 1
 
     # ------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict:
+        """Everything an exact resume needs: targets (checked on load), anchors, the FO search's
+        persistent gamma and Adam state, the last ratios and the counters (copies)."""
         return {"targets": [(t.name, t.dim, t.start, t.stop) for t in self.targets],
-                "anchors": [a.clone() for a in self.anchors], "gamma": self.gamma,
-                "adam_state": self.adam_state, "last_ratios": list(self.last_ratios)}
+                "anchors": [a.clone() for a in self.anchors],
+                "gamma": None if self.gamma is None else self.gamma.clone(),
+                "adam_state": copy.deepcopy(self.adam_state), "last_ratios": list(self.last_ratios),
+                "counters": [self.forward_passes, self.backward_passes, self.searches]}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` into a bound DiZO projecting the same targets."""
         saved = [Target(*t) for t in state["targets"]]
         if saved != self.targets:
             raise ValueError("DiZO state dict projects other tensors than this optimizer "
                              f"({len(saved)} targets saved, {len(self.targets)} here)")
         for mine, theirs in zip(self.anchors, state["anchors"]):
             mine.copy_(theirs)
-        self.gamma, self.adam_state = state["gamma"], state["adam_state"]
-        self.last_ratios = list(state["last_ratios"])
+        gamma = state.get("gamma")
+        self.gamma = None if gamma is None else gamma.detach().clone()
+        self.adam_state = copy.deepcopy(state.get("adam_state"))
+        self.last_ratios = list(state.get("last_ratios", []))
+        self.forward_passes, self.backward_passes, self.searches = state.get("counters", (0, 0, 0))
+
+
+@contextlib.contextmanager
+def _grad_only(wanted: Sequence[torch.Tensor], trainable: Sequence[torch.Tensor]):
+    """``requires_grad`` on ``wanted`` only among ``trainable`` (a superset); flags restored on exit."""
+    saved = [(p, p.requires_grad) for p in trainable]
+    keep = {id(p) for p in wanted}
+    try:
+        for p, _ in saved:
+            p.requires_grad_(id(p) in keep)
+        yield
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
