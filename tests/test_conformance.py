@@ -35,6 +35,7 @@ PRESETS.update({
     "kerzoo-code+pezo": {"method": "kerzoo-code", "direction": "pezo-pool"},
     "pezo+dizo+adam": {"method": "dizo", "direction": "pezo-pool", "update": "adam"},
     "kerzoo+pezo-bank+momentum": {"method": "kerzoo", "direction": "pezo-bank", "update": "momentum"},
+    "pezo-decorrelated+dizo": {"method": "dizo", "direction": "pezo-pool-decorrelated"},
 })
 PRESET_LR = {"zo-momentum": 0.003, "zo-adam": 0.1, "zo-sign": 0.1, "pezo+dizo+adam": 0.1,
              "kerzoo+pezo-bank+momentum": 0.001}
@@ -59,6 +60,8 @@ def direction_for(name):
         return Pooled(pool_size=1 << 10)
     if name == "pezo-pool":
         return make_direction(name).__class__(pool_size=37)
+    if name == "pezo-pool-decorrelated":
+        return make_direction("pezo-pool").__class__(pool_size=37, decorrelate_copies=True)
     return make_direction(name)
 
 

@@ -21,8 +21,12 @@ BANKS = [lambda: PeZOBank(lanes=4, reuse=2), lambda: PeZOBank(lanes=3, bits=16),
          lambda: PeZOBank(lanes=1, bits=None), lambda: PeZOBank(lanes=5, reuse=3, bits=4)]
 
 
+POOLS = [lambda: PeZOPool(pool_size=61), lambda: PeZOPool(pool_size=61, decorrelate_copies=True),
+         lambda: PeZOPool(pool_size=61, decorrelate_copies=True, scaling="norm_global")]
+
+
 @pytest.mark.parametrize("chunk_size", [7, 100, 1 << 20])
-@pytest.mark.parametrize("make", [lambda: PeZOPool(pool_size=61)] + BANKS)
+@pytest.mark.parametrize("make", POOLS + BANKS)
 @pytest.mark.parametrize("start", [120, 3 * (1 << 14) - 150])  # the second crosses bank blocks
 def test_a_chunk_regenerated_alone_equals_the_same_slice(make, chunk_size, start):
     """Chunks of 7, 100 and up to 300 elements (the pool has N = 61) drawn alone, at any place."""
@@ -103,7 +107,7 @@ def test_degenerate_pool_sizes_raise_and_extra_shift_fixes_them():
     assert pool.period == 40
     with pytest.warns(UserWarning, match="repeat every 5"):
         PeZOPool(pool_size=40).check_size(88)  # gcd(40, 88) = 8: period 5
-    bad_pool = [("pool_size", 1), ("pool_size", 64.0), ("bits", 0), ("bits", 17), ("bits", True),
+    bad_pool = [("decorrelate_copies", 1), ("pool_size", 1), ("pool_size", 64.0), ("bits", 0), ("bits", 17), ("bits", True),
                 ("scaling", "adaptive"), ("pow2", 1), ("extra_shift", -1), ("pool_seed", "a")]
     bad_bank = [("lanes", 0), ("lanes", 2048), ("reuse", 0), ("bits", 32)]
     for cls, bad in ((PeZOPool, bad_pool), (PeZOBank, bad_bank)):
@@ -150,11 +154,16 @@ def directions_matrix(direction, total, probes):
 
 
 def test_rank_over_steps_is_the_alias_dimension():
-    """The pool's directions over many steps span exactly min(N, d) dimensions (the alias
-    subspace); the bank without reuse spans everything, with reuse m about d/m."""
+    """The faithful pool's directions over many steps span exactly min(N, d) dimensions (the alias
+    subspace); with decorrelated copies all but floor(d/N) - 1 of d > N; the bank without reuse spans
+    everything, with reuse m about d/m."""
     rank = torch.linalg.matrix_rank
     assert rank(directions_matrix(PeZOPool(pool_size=23), 60, 80)) == 23
     assert rank(directions_matrix(PeZOPool(pool_size=101), 60, 80)) == 60
+    # all but floor(d / N) - 1 = 1 dimension: each complete copy holds every pool number once, so
+    # the sum over copy 0 minus the sum over copy 1 is 0 in every direction
+    assert rank(directions_matrix(PeZOPool(pool_size=23, decorrelate_copies=True), 60, 300)) == 59
+    assert rank(directions_matrix(PeZOPool(pool_size=23, decorrelate_copies=True), 45, 300)) == 45
     assert rank(directions_matrix(PeZOBank(lanes=4), 64, 80)) == 64
     assert rank(directions_matrix(PeZOBank(lanes=4, reuse=2), 64, 80)) == 32
 
@@ -183,6 +192,28 @@ def test_pool_updates_stay_in_the_alias_subspace():
     after = model.weight.detach().view(-1)
     torch.testing.assert_close(after[23:46] - after[:23], before[23:46] - before[:23], rtol=0, atol=1e-12)
     assert not torch.equal(after, before)
+
+
+def test_decorrelated_copies_leave_the_alias_subspace_and_keep_the_norm():
+    """Copy k of the pool is read k delta further on: elements i and i + N no longer share a
+    number, each chunk is still a cyclic read of P, the per-tensor norm is still exactly sqrt(d_l),
+    and training moves theta_i - theta_{i+N}."""
+    pool = PeZOPool(pool_size=23, decorrelate_copies=True, scaling="none")
+    key = pool.probe_key(0, 4, 0, 1)
+    o, delta = pool.offset(key, 60), pool.shift(key)
+    assert 1 <= delta < 23
+    z = stream(pool, key, 60)
+    index = [(o + i + (i // 23) * delta) % 23 for i in range(60)]
+    assert torch.equal(z, pool.pool[index])
+    scaled = PeZOPool(pool_size=23, decorrelate_copies=True)
+    zs = materialize(scaled, key, 0, 50, dtype=torch.float64, tensor_start=10, total=60)
+    assert float(zs.pow(2).sum()) == pytest.approx(50, rel=1e-12)
+    model, _ = quadratic()
+    before = model.weight.detach().clone().view(-1)
+    _, model, _ = train(PeZOPool(pool_size=23, decorrelate_copies=True), steps=30)
+    after = model.weight.detach().view(-1)
+    assert not torch.allclose(after[23:46] - after[:23], before[23:46] - before[:23], atol=1e-6)
+    assert PeZOPool(pool_size=23).shift(key) == 0
 
 
 def test_counts_determinism_and_resume():

@@ -172,6 +172,8 @@ def test_existing_run_is_not_overwritten_and_checkpoint_errors(tiny_dir, data_di
 COMPOSITIONS = {
     "kerzoo-code": ["--method", "kerzoo-code"],
     "pezo": ["--method", "pezo"],
+    "pezo-decorrelated": ["--method", "pezo", "--pool-size", 4099, "--pezo-decorrelate-copies"],
+    "pezo-bank": ["--direction", "pezo-bank", "--pezo-lanes", 4, "--pezo-reuse", 2, "--pezo-bits", 16],
     "dizo": ["--method", "dizo", "--dizo-interval", 2, "--dizo-iterations", 2],
     "dizo-fo": ["--method", "dizo-fo", "--dizo-interval", 2, "--dizo-iterations", 2],
     "kerzoo+pezo+dizo": ["--method", "dizo", "--estimator", "kernel", "--direction", "pezo-pool",
@@ -193,6 +195,10 @@ def test_presets_and_compositions_train_and_resume_exactly(tiny_dir, data_dir, t
     # 2 searches x 2 iterations x 2 forwards (ZO) or 1 forward and 1 backward (FO)
     searches = (4 if name == "dizo-fo" else 8) if "dizo" in name else 0
     assert summary["forward_passes"] == 4 * per_step + searches
+    pezo = {"pezo": "pezo-pool", "pezo-decorrelated": "pezo-pool", "pezo-bank": "pezo-bank",
+            "kerzoo+pezo+dizo": "pezo-pool"}
+    assert summary["direction"] == pezo.get(name, "gaussian")  # a preset's own direction is kept
+    assert (summary["random_numbers"] == 0) == (summary["direction"] == "pezo-pool")
 
 
 def test_composition_errors(tiny_dir, data_dir, tmp_path, capsys):
@@ -203,4 +209,8 @@ def test_composition_errors(tiny_dir, data_dir, tmp_path, capsys):
     assert "kernel order" in error_of(capsys, base + ["--kernel-order", 4])
     assert "r_sharing" in error_of(capsys, base + ["--kernel-r-sharing", "layer"])
     assert "pool" in error_of(capsys, base + ["--pool-size", 100])
+    assert "--pezo-lanes not for the 'pezo-pool' direction" in error_of(
+        capsys, base + ["--method", "pezo", "--pezo-lanes", 4])
+    assert "bits must be an integer from 1 to 16" in error_of(capsys, base + ["--method", "pezo", "--pezo-bits", 40])
+    assert "valid: static, none" in error_of(capsys, base + ["--direction", "pezo-bank", "--pezo-scaling", "norm_global"])
     assert "pattern" in error_of(capsys, base + ["--method", "dizo", "--dizo-pattern", "no_such_tensor"])

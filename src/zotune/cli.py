@@ -23,7 +23,7 @@ from .errors import ZotuneError
 HELP = {
     "task": "task name (see `zotune list`)", "task_file": "custom task spec (YAML/JSON) instead of --task",
     "model": "embedded model name, local directory or Hugging Face id",
-    "method": "ZO method", "direction": "random direction distribution",
+    "method": "ZO method", "direction": "random direction distribution (default: the method's own)",
     "trainable": "which parameters to train", "pattern": "regex of parameter names (--trainable pattern)",
     "steps": "training steps", "batch_size": "examples per step", "lr": "learning rate (default by scheme)",
     "eps": "perturbation scale (default by scheme)", "num_probes": "directions per step (n-SPSA)",
@@ -40,6 +40,11 @@ HELP = {
     "projection": "override the method's projection: none, dizo or dizo-fo",
     "clip_norm": "per-tensor norm clip of the ZO gradient",
     "pool_size": "numbers in the pool of pooled/pezo-pool directions",
+    "pezo_bits": "PeZO: bits of the uniform numbers, 1-16 (0: float)",
+    "pezo_scaling": "PeZO: norm_per_tensor, norm_global, static or none (the bank: static or none)",
+    "pezo_pow2": "PeZO: round the scale to a power of two",
+    "pezo_decorrelate_copies": "PeZO pool: shift each copy of the pool per probe (not in the paper)",
+    "pezo_lanes": "PeZO bank: generators", "pezo_reuse": "PeZO bank: numbers reused per cycle",
     "kernel_order": "KerZOO kernel order: 1, 3 or 5", "kernel_schedule": "constant, linear or harmonic",
     "kernel_r_sharing": "probe (paper) or tensor (code)", "kernel_normalization": "paper or code",
     "kernel_s0": "initial half-width of r's interval", "kernel_shrink_steps": "steps of the linear shrink",
@@ -51,7 +56,7 @@ HELP = {
 
 def _field_type(field: dataclasses.Field):
     ann = str(field.type)
-    if ann == "bool":
+    if ann in ("bool", "bool | None"):
         return bool
     for name, typ in (("int", int), ("float", float), ("str", str)):
         if ann.startswith(name):

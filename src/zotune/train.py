@@ -11,6 +11,7 @@ run bitwise. Ctrl-C and ``max_time`` save a checkpoint before stopping.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -39,11 +40,16 @@ RESUME_KEYS = ("task", "task_file", "model", "method", "direction", "trainable",
                "lora_alpha", "prefix_tokens", "batch_size", "lr", "eps", "weight_decay", "num_probes",
                "one_sided", "schedule", "warmup_steps", "objective", "num_train", "num_dev",
                "data_seed", "seed", "dtype", "max_length", "estimator", "update", "projection",
-               "clip_norm", "pool_size", "kernel_order", "kernel_schedule", "kernel_r_sharing",
+               "clip_norm", "pool_size", "pezo_bits", "pezo_scaling", "pezo_pow2",
+               "pezo_decorrelate_copies", "pezo_lanes", "pezo_reuse", "kernel_order", "kernel_schedule", "kernel_r_sharing",
                "kernel_normalization", "kernel_s0", "kernel_shrink_steps", "dizo_interval",
                "dizo_iterations", "dizo_eps", "dizo_step_size", "dizo_clip", "dizo_pattern")
 ESTIMATORS = ("spsa", "kernel")
 PROJECTIONS = ("none", "dizo", "dizo-fo")
+
+
+def _direction_flag(option: str) -> str:
+    return "--pool-size" if option == "pool_size" else "--pezo-" + option.replace("_", "-")
 
 
 @dataclass
@@ -54,7 +60,7 @@ class TrainConfig:
     task_file: str | None = None
     model: str = "smollm2-135m"
     method: str = "mezo"
-    direction: str = "gaussian"
+    direction: str | None = None
     trainable: str = "full"
     pattern: str | None = None
     lora_r: int = 8
@@ -92,6 +98,12 @@ class TrainConfig:
     projection: str | None = None
     clip_norm: float | None = None
     pool_size: int | None = None
+    pezo_bits: int | None = None
+    pezo_scaling: str | None = None
+    pezo_pow2: bool | None = None
+    pezo_decorrelate_copies: bool | None = None
+    pezo_lanes: int | None = None
+    pezo_reuse: int | None = None
     kernel_order: int | None = None
     kernel_schedule: str | None = None
     kernel_r_sharing: str | None = None
@@ -113,13 +125,8 @@ class TrainConfig:
                   if k.startswith("kernel_") and v is not None}
         dizo = {k[len("dizo_"):]: v for k, v in dataclasses.asdict(self).items()
                 if k.startswith("dizo_") and v is not None}
-        options: dict = {"update": self.update, "clip_norm": self.clip_norm}
-        direction = make_direction(self.direction)
-        if self.pool_size is not None:
-            if not hasattr(direction, "pool_size"):
-                raise ZotuneError(f"--pool-size applies to pooled directions, not {self.direction!r}")
-            direction = type(direction)(pool_size=self.pool_size)
-        options["direction"] = direction
+        options: dict = {"update": self.update, "clip_norm": self.clip_norm,
+                         "direction": self.make_direction()}
         if self.estimator == "kernel" or kernel:
             if self.estimator == "spsa":
                 raise ZotuneError("--estimator spsa conflicts with --kernel-* options")
@@ -134,6 +141,37 @@ class TrainConfig:
                 dizo["search"] = "fo" if self.projection == "dizo-fo" else "zo"
             options["projection"] = dizo
         return options
+
+    def direction_name(self) -> str:
+        """The direction in use: ``direction`` if set, else the method's own (MeZO's Gaussian
+        for most methods, PeZO's pool for ``pezo``)."""
+        from .optim import METHODS
+
+        return self.direction or METHODS.get(self.method, {}).get("direction", "gaussian")
+
+    def make_direction(self):
+        """The direction with its options (``pool_size``, ``pezo_*``; 0 bits = float uniform)."""
+        from .directions import DIRECTIONS
+
+        name = self.direction_name()
+        options = {k[len("pezo_"):]: v for k, v in dataclasses.asdict(self).items()
+                   if k.startswith("pezo_") and v is not None}
+        if options.get("bits") == 0:
+            options["bits"] = None
+        if self.pool_size is not None:
+            options["pool_size"] = self.pool_size
+        cls = DIRECTIONS[name]
+        accepted = set(inspect.signature(cls).parameters)
+        wrong = sorted(set(options) - accepted)
+        if wrong:
+            ours = {f.name[len("pezo_"):] for f in dataclasses.fields(self) if f.name.startswith("pezo_")}
+            valid = sorted(accepted & (ours | {"pool_size"}))
+            raise ZotuneError(f"{', '.join(map(_direction_flag, wrong))} not for the {name!r} direction; "
+                              f"it takes: {', '.join(map(_direction_flag, valid)) or 'no options'}")
+        try:
+            return cls(**options)
+        except ValueError as err:
+            raise ZotuneError(f"direction {name!r}: {err}") from None
 
     def resolved(self) -> "TrainConfig":
         """A copy with lr and eps filled in from the trainable scheme, validated."""
@@ -150,7 +188,8 @@ class TrainConfig:
             if getattr(self, name) not in valid:
                 raise ZotuneError(f"unknown {name} {getattr(self, name)!r}; valid: {', '.join(valid)}")
         choice("method", list(METHODS))
-        choice("direction", sorted(DIRECTIONS))
+        if self.direction is not None:
+            choice("direction", sorted(DIRECTIONS))
         choice("trainable", TRAINABLE)
         choice("objective", OBJECTIVES)
         choice("schedule", SCHEDULES)
@@ -413,12 +452,12 @@ def _finish(out, cfg, state, opt, task, scorer, data, params, start_time, status
         checkpoint.load(out / "best", params)
         test = evaluate(scorer, task, data.test, cfg.eval_batch_size)
         _log(out / "metrics.jsonl", {"step": state.best_step, "test": test, "best_dev_checkpoint": True})
-    summary = {"task": task.name, "model": cfg.model, "method": cfg.method, "direction": cfg.direction,
+    summary = {"task": task.name, "model": cfg.model, "method": cfg.method, "direction": opt.direction.name,
                "trainable": cfg.trainable, "metric": task.metric, "status": status,
                "zero_shot": state.zero_shot, "best_dev": state.best_dev, "best_step": state.best_step,
                "final_dev": state.last_dev, "test": test, "steps": state.step,
                "wall_time_s": state.wall_time, "forward_passes": opt.forward_passes,
-               "skipped_steps": opt.skipped_steps, "peak_rss_gib": _peak_rss_gib(),
+               "random_numbers": opt.engine.numbers_drawn, "skipped_steps": opt.skipped_steps, "peak_rss_gib": _peak_rss_gib(),
                "train_examples": len(data.train), "dev_examples": len(data.dev),
                "test_examples": len(data.test), "notes": data.notes}
     _write_json(out / "summary.json", summary)

@@ -31,7 +31,14 @@ steps 4/3 larger); the declared second moment stays 1, as in hardware, so compen
 Known property of the faithful pool (the note's section 2.4): within a probe, elements i and
 i + N share a number whatever the offset, so every update lies in the N-dimensional span of the
 alias classes {i : i = k mod N}: theta_i - theta_{i+N} never changes (tested). Use N >= the task's
-intrinsic dimension, or the ``pooled`` direction (zotune's own reuse without this trap).
+intrinsic dimension, ``decorrelate_copies=True`` (the note's optional extension, not the paper's:
+copy k of the pool within a probe is read shifted by k delta_o, with delta_o in [1, N) keyed per
+probe, :math:`z_o[i] = \alpha\, P[(o_o + i + \lfloor i/N \rfloor \delta_o) \bmod N]`, so the
+ties change from probe to probe and the directions span all d dimensions over steps but
+floor(d/N) - 1 (every complete copy holds each pool number once, so the differences of the copies'
+sums stay zero: tested); still zero
+random numbers per step, at the cost of one copy of each chunk), or the ``pooled`` direction
+(zotune's own reuse without this trap).
 """
 from __future__ import annotations
 
@@ -93,9 +100,12 @@ class PeZOPool:
         pow2: round the scale to a power of two.
         extra_shift: added to the offset's advance per probe (fixes d = 0 mod N).
         pool_seed: key of the pool's one draw.
+        decorrelate_copies: read successive copies of the pool with a per-probe shift, so that
+            updates leave the N-dimensional alias subspace (not in the paper; default False).
 
     Cost: 0 random numbers per step (N once); memory N + 2**20 numbers (the pool, tiled so every
-    window is a view) plus N + 1 float64 prefix sums.
+    window is a view) plus N + 1 float64 prefix sums. With ``decorrelate_copies`` a chunk is
+    copied out of the pool (one pass over it per draw) instead of viewed.
     """
 
     name = "pezo-pool"
@@ -105,7 +115,8 @@ class PeZOPool:
     window = rng.DEFAULT_CHUNK_SIZE
 
     def __init__(self, pool_size: int = 1 << 16, bits: int | None = 8, scaling: str = "norm_per_tensor",
-                 pow2: bool = False, extra_shift: int = 0, pool_seed: int = 0) -> None:
+                 pow2: bool = False, extra_shift: int = 0, pool_seed: int = 0,
+                 decorrelate_copies: bool = False) -> None:
         if not (_is_int(pool_size) and pool_size >= 2):
             raise ValueError(f"pool_size must be an integer >= 2, got {pool_size!r}")
         _check(bits, scaling, SCALINGS, pow2)
@@ -113,6 +124,10 @@ class PeZOPool:
             raise ValueError(f"extra_shift must be an integer >= 0, got {extra_shift!r}")
         if not _is_int(pool_seed):
             raise ValueError(f"pool_seed must be an integer, got {pool_seed!r}")
+        if not isinstance(decorrelate_copies, bool):
+            raise ValueError(f"decorrelate_copies must be True or False, got {decorrelate_copies!r}")
+        self.decorrelate_copies = decorrelate_copies
+        self._scales: dict[tuple[int, int, int, int], float] = {}
         self.pool_size, self.bits, self.scaling, self.pow2 = pool_size, bits, scaling, pow2
         self.extra_shift, self.pool_seed = extra_shift, pool_seed
         gen = rng.generator(rng.mix(pool_seed, 0x50455A4F))
@@ -168,17 +183,48 @@ class PeZOPool:
             total += c(end - n)
         return total
 
-    def scale(self, offset: int, position: Position) -> float:
-        """The scale alpha of the tensor at ``position`` for a stream starting at ``offset``."""
+    def shift(self, key: int) -> int:
+        """delta_o in [1, N): how much further each successive copy of the pool is read within
+        probe o (0 unless ``decorrelate_copies``)."""
+        if not self.decorrelate_copies:
+            return 0
+        return 1 + rng.mix(key, 0x44454C54) % (self.pool_size - 1)
+
+    def _segments(self, offset: int, delta: int, first: int, length: int):
+        """(pool start, flat start, length) of the contiguous pool reads that make up the flat
+        elements first .. first + length - 1: one per copy of the pool they touch."""
+        n = self.pool_size
+        if delta == 0:
+            yield (offset + first) % n, first, length
+            return
+        end = first + length
+        while first < end:
+            copy = first // n
+            stop = min(end, (copy + 1) * n)
+            yield (offset + first + copy * delta) % n, first, stop - first
+            first = stop
+
+    def _sum_of_squares(self, offset: int, delta: int, first: int, length: int) -> float:
+        return sum(self._window_sum(start, size) for start, _, size in
+                   self._segments(offset, delta, first, length))
+
+    def scale(self, offset: int, position: Position, delta: int = 0) -> float:
+        """The scale alpha of the tensor at ``position`` for a stream starting at ``offset``
+        (and copy shift ``delta``)."""
         if self.scaling == "none":
             return 1.0
         if self.scaling == "static":
             alpha = 1 / math.sqrt(_second_moment(self.bits))
-        elif self.scaling == "norm_global":
-            alpha = math.sqrt(position.total / self._window_sum(offset, position.total))
         else:
-            start = (offset + position.tensor_start) % self.pool_size
-            alpha = math.sqrt(position.tensor_numel / self._window_sum(start, position.tensor_numel))
+            first, length = ((0, position.total) if self.scaling == "norm_global"
+                             else (position.tensor_start, position.tensor_numel))
+            cache = (offset, delta, first, length)
+            alpha = self._scales.get(cache)
+            if alpha is None:  # O(copies) per tensor and probe: cached for the probe's other chunks
+                if len(self._scales) > 4096:
+                    self._scales.clear()
+                alpha = self._scales[cache] = math.sqrt(
+                    length / self._sum_of_squares(offset, delta, first, length))
         return _pow2(alpha) if self.pow2 else alpha
 
     def _pool_view(self, dtype, device) -> torch.Tensor:
@@ -196,9 +242,16 @@ class PeZOPool:
         n = out.numel()
         if n > self.window:
             raise ValueError(f"chunk of {n} elements is longer than the window ({self.window})")
-        offset = self.offset(key, position.total)
-        start = (offset + position.flat_start) % self.pool_size
-        return self._pool_view(out.dtype, out.device)[start : start + n], self.scale(offset, position)
+        offset, delta = self.offset(key, position.total), self.shift(key)
+        pool = self._pool_view(out.dtype, out.device)
+        alpha = self.scale(offset, position, delta)
+        if delta == 0:
+            start = (offset + position.flat_start) % self.pool_size
+            return pool[start : start + n], alpha
+        first = position.flat_start
+        for start, flat, size in self._segments(offset, delta, first, n):
+            out[flat - first : flat - first + size].copy_(pool[start : start + size])
+        return out, alpha
 
 
 class PeZOBank:
