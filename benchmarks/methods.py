@@ -3,8 +3,10 @@
 For each (task, trainable scheme, seed, method): SmolLM2-135M with MeZO's prompt and data protocol,
 the same batches (zotune.train.BatchSampler, same seed), the same lr and eps for every method, and
 training until ``--budget`` forward passes have been spent (every forward counts: KerZOO-code's 6
-per step, DiZO's search forwards). Test accuracy on a fixed test subset every ``--eval-every``
-forward passes. Each method's numbers of random numbers generated per step are read from the
+per step, DiZO's search forwards). Test accuracy and test loss (MeZO's classification
+cross-entropy of the gold candidate, from the same forward pass) on a fixed test subset every
+``--eval-every`` forward passes. At small budgets accuracy on a few hundred examples moves by less
+than its sampling error; the loss is the low-noise measure of progress. Each method's numbers of random numbers generated per step are read from the
 engine's counter.
 
 One JSON line per eval point is appended to ``--log`` (so runs can be split across invocations
@@ -24,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from step_speed import write_section  # noqa: E402
 
@@ -31,7 +35,7 @@ from zotune import ZOOptimizer, rng  # noqa: E402
 from zotune.models import load_model, select_trainable, trainable_parameters  # noqa: E402
 from zotune.objectives import CandidateScorer  # noqa: E402
 from zotune.tasks import get_task  # noqa: E402
-from zotune.train import DEFAULT_EPS, BatchSampler, evaluate  # noqa: E402
+from zotune.train import DEFAULT_EPS, BatchSampler  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = {
@@ -44,6 +48,19 @@ METHODS = {
     "kerzoo+pezo+dizo": {"method": "dizo", "kernel": {}, "direction": "pezo-pool"},
 }
 LR = {"full": 1e-5, "lora": 1e-4}
+
+
+@torch.no_grad()
+def test_metrics(scorer, examples, batch_size=32):
+    """(accuracy in percent, mean cross-entropy of the gold candidate) in one pass over ``examples``."""
+    correct, loss = 0, 0.0
+    for start in range(0, len(examples), batch_size):
+        batch = examples[start:start + batch_size]
+        scores = scorer.scores(batch)
+        labels = torch.tensor([ex.label for ex in batch], device=scores.device)
+        correct += int((scores.argmax(-1) == labels).sum())
+        loss += float(torch.nn.functional.cross_entropy(scores, labels, reduction="sum"))
+    return 100 * correct / len(examples), loss / len(examples)
 
 
 def run(args, task, data, test, trainable, seed, name, log):
@@ -66,8 +83,9 @@ def run(args, task, data, test, trainable, seed, name, log):
     while True:
         if opt.forward_passes >= next_eval:
             opt.flush()
+            acc, loss = test_metrics(scorer, test)
             rec = {**base, "forward_passes": opt.forward_passes, "steps": step, "train_s": train_s,
-                   "test_acc": evaluate(scorer, task, test, 32),
+                   "test_acc": acc, "test_loss": loss,
                    "numbers_per_step": opt.engine.numbers_drawn / max(step, 1)}
             print(json.dumps(rec), flush=True)
             with open(log, "a") as f:
@@ -112,8 +130,17 @@ def timing(args, data, trainable):
     return rows
 
 
+def _mean_loss(recs):
+    losses = [r["test_loss"] for r in recs if r.get("test_loss") is not None]
+    return statistics.mean(losses) if len(losses) == len(recs) else None
+
+
 def summarise(records, args):
-    """Table rows and curves per (task, trainable): mean over seeds at each eval point."""
+    """Table rows and curves per (task, trainable): mean over seeds at each eval point.
+
+    "To MeZO's final" is the first eval point whose seed-mean reaches MeZO's final seed-mean
+    (accuracy at least as high, loss at least as low), as forward passes / training seconds.
+    """
     groups: dict = {}
     for r in records:
         groups.setdefault((r["task"], r["trainable"]), {}).setdefault(r["method"], []).append(r)
@@ -124,26 +151,34 @@ def summarise(records, args):
             by_fp: dict = {}
             for r in recs:
                 by_fp.setdefault(r["forward_passes"] // args.eval_every * args.eval_every, []).append(r)
-            pts = sorted(by_fp.items())
-            curves[name] = [(fp, statistics.mean(r["test_acc"] for r in rs),
-                             statistics.mean(r["train_s"] for r in rs), rs) for fp, rs in pts]
-        mezo_final = curves["mezo"][-1][1] if "mezo" in curves else None
-        if mezo_final is not None and mezo_final <= curves["mezo"][0][1]:
-            mezo_final = None  # MeZO did not improve on zero-shot: nothing to reach
-        rows = ["| method | seeds | final test acc (mean; per seed) | forward passes / wall-clock s to "
-                "MeZO's final | train s per forward pass | random numbers per step |",
-                "|---|---|---|---|---|---|"]
+            curves[name] = [{"fp": fp, "acc": statistics.mean(r["test_acc"] for r in rs),
+                             "loss": _mean_loss(rs), "s": statistics.mean(r["train_s"] for r in rs),
+                             "recs": rs} for fp, rs in sorted(by_fp.items())]
+        mezo = curves.get("mezo")
+        target_acc = mezo[-1]["acc"] if mezo and mezo[-1]["acc"] > mezo[0]["acc"] else None
+        target_loss = mezo[-1]["loss"] if mezo and mezo[-1]["loss"] is not None else None
+
+        def reach(pts, key, target, better):
+            if target is None:
+                return "n/a"
+            hit = next((p for p in pts if p[key] is not None and better(p[key], target)), None)
+            return f"{hit['fp']} / {hit['s']:.0f}" if hit else "not reached"
+
+        rows = ["| method | seeds | final test acc (mean; per seed) | final test loss (mean; per seed) | "
+                "to MeZO's final acc (forward passes / s) | to MeZO's final loss (forward passes / s) | "
+                "train s per forward pass | random numbers per step |",
+                "|---|---|---|---|---|---|---|---|"]
         for name, pts in curves.items():
             final = pts[-1]
-            seeds = sorted({r["seed"] for r in final[3]})
-            per_seed = ", ".join(f"{r['test_acc']:.1f}" for r in sorted(final[3], key=lambda r: r["seed"]))
-            reach = next(((fp, s) for fp, acc, s, _ in pts if mezo_final is not None and acc >= mezo_final),
-                         None)
-            fps = final[0] or 1
-            numbers = statistics.mean(r["numbers_per_step"] for r in final[3])
-            rows.append(f"| {name} | {len(seeds)} | {final[1]:.1f} ({per_seed}) | "
-                        f"{f'{reach[0]} / {reach[1]:.0f}' if reach else ('not reached' if mezo_final else 'n/a')} | "
-                        f"{final[2] / fps:.2f} | {numbers:.3g} |")
+            recs = sorted(final["recs"], key=lambda r: r["seed"])
+            accs = ", ".join(f"{r['test_acc']:.1f}" for r in recs)
+            loss = (f"{final['loss']:.4f} (" + ", ".join(f"{r['test_loss']:.4f}" for r in recs) + ")"
+                    if final["loss"] is not None else "n/a")
+            numbers = statistics.mean(r["numbers_per_step"] for r in recs)
+            rows.append(f"| {name} | {len(recs)} | {final['acc']:.1f} ({accs}) | {loss} | "
+                        f"{reach(pts, 'acc', target_acc, lambda v, t: v >= t)} | "
+                        f"{reach(pts, 'loss', target_loss, lambda v, t: v <= t)} | "
+                        f"{final['s'] / (final['fp'] or 1):.2f} | {numbers:.3g} |")
         png = f"methods_{task}_{trainable}.png"
         plot(curves, ROOT / "docs" / png, f"{task}, {trainable}, SmolLM2-135M")
         sections.append(f"### {task}, {trainable}\n\n" + "\n".join(rows) + f"\n\n![{task} {trainable}]({png})\n")
@@ -166,18 +201,23 @@ def timing_table(rows):
 
 
 def plot(curves, path, title):
+    """Test accuracy (top) and test loss (bottom) against forward passes and wall-clock."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex="col", sharey="row")
     for name, pts in curves.items():
-        fp, acc, secs = [p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts]
-        axes[0].plot(fp, acc, marker="o", markersize=3, label=name)
-        axes[1].plot(secs, acc, marker="o", markersize=3, label=name)
-    axes[0].set(xlabel="forward passes", ylabel="test accuracy (%, mean over seeds)", title=title)
-    axes[1].set(xlabel="training wall-clock (s)")
-    axes[0].legend(fontsize=8)
+        for col, x in enumerate(("fp", "s")):
+            axes[0, col].plot([p[x] for p in pts], [p["acc"] for p in pts], marker="o", markersize=3,
+                              label=name)
+            with_loss = [p for p in pts if p["loss"] is not None]
+            axes[1, col].plot([p[x] for p in with_loss], [p["loss"] for p in with_loss], marker="o",
+                              markersize=3, label=name)
+    axes[0, 0].set(ylabel="test accuracy (%, mean over seeds)", title=title)
+    axes[1, 0].set(xlabel="forward passes", ylabel="test loss (CE, mean over seeds)")
+    axes[1, 1].set(xlabel="training wall-clock (s)")
+    axes[0, 0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -223,7 +263,7 @@ def main():
     cmd = "python benchmarks/methods.py " + " ".join(a for a in sys.argv[1:] if a != "--from-log")
     text = (f"## Methods at one forward-pass budget (`benchmarks/methods.py`)\n\nCommand: `{cmd.strip()}`\n\n"
             f"SmolLM2-135M, MeZO prompts and data protocol, batch {args.batch_size}, the same lr and eps "
-            f"for every method, test accuracy on the first {args.test_size} test examples, "
+            f"for every method, test accuracy and test loss on the first {args.test_size} test examples, "
             f"evaluated every {args.eval_every} forward passes. Wall-clock is training time only.\n\n"
             + "\n".join(summarise(records, args)) + timing_table(timings))
     write_section(Path(args.out), text, "methods")

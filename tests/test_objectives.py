@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from zotune.errors import ZotuneError
 from zotune.models import select_trainable, tiny_model
-from zotune.objectives import CandidateScorer
+from zotune.objectives import CandidateScorer, length_buckets
 from zotune.tasks.base import Example
 
 FAMILIES = ["llama", "opt", "gpt2"]
@@ -58,13 +58,56 @@ def test_fast_scores_equal_naive_and_hand(lm, batch):
     torch.testing.assert_close(fast[rows, :2], hand, **TOL)
 
 
+def _cost(groups, lengths, overhead):
+    return sum(len(g) * max(lengths[i] for i in g) + overhead for g in groups)
+
+
+def test_length_buckets_are_the_cheapest_split():
+    """Against every split of the sorted rows into runs (2^(R-1) of them), on random lengths."""
+    import itertools
+    g = torch.Generator().manual_seed(0)
+    for trial in range(30):
+        lengths = torch.randint(1, 60, (int(torch.randint(1, 9, (1,), generator=g)),), generator=g).tolist()
+        overhead = [0, 5, 32, 1e9][trial % 4]
+        groups = length_buckets(lengths, overhead)
+        assert sorted(i for grp in groups for i in grp) == list(range(len(lengths)))
+        order = sorted(range(len(lengths)), key=lengths.__getitem__)
+        best = min(_cost([order[a:b] for a, b in zip((0,) + cuts, cuts + (len(order),))], lengths, overhead)
+                   for k in range(len(order)) for cuts in itertools.combinations(range(1, len(order)), k))
+        assert _cost(groups, lengths, overhead) == best
+    assert len(length_buckets([5, 50, 6, 49], 1e9)) == 1
+    assert length_buckets([5, 50, 6, 49], 0) == [[0], [2], [3], [1]]
+
+
+@pytest.mark.parametrize("batch", [SINGLE, MULTI, MIXED], ids=["single", "multi", "mixed"])
+def test_length_buckets_change_no_score_or_gradient(lm, batch):
+    """Split (overhead 0: every length its own call) against one padded call: the same scores in
+    the same order, and the same gradients, so DiZO's first-order search may split too."""
+    model, tok = lm
+    one, split = CandidateScorer(model, tok, bucket_overhead=None), CandidateScorer(model, tok, bucket_overhead=0)
+    runs = split.sequences_run
+    torch.testing.assert_close(split.scores(batch), one.scores(batch), **TOL)
+    assert split.sequences_run - runs == one.sequences_run  # the same rows, in several calls
+    grads = []
+    for scorer in (one, split):
+        model.zero_grad()
+        scorer.classification_loss(batch).backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+        model.zero_grad()
+    assert grads[0]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="bucket_overhead"):
+        CandidateScorer(model, tok, bucket_overhead=-1)
+
+
 def test_single_token_path_runs_one_sequence_per_example(lm):
     model, tok = lm
     shapes = []
     hook = model.register_forward_hook(lambda m, a, kw, out: shapes.append(
         (tuple(kw["input_ids"].shape), out.logits.shape[1])), with_kwargs=True)
     try:
-        fast = CandidateScorer(model, tok)
+        fast = CandidateScorer(model, tok, bucket_overhead=None)  # one call (splits: below)
         fast.scores(SINGLE)
         assert fast.sequences_run == len(SINGLE)
         # the rows are the prompts, and logits are computed at the last position only
@@ -79,6 +122,12 @@ def test_single_token_path_runs_one_sequence_per_example(lm):
                            for ex in MULTI for c in ex.candidates)
         # 7 candidates, but " Yes" and " No" are single tokens and share their prompt's row
         assert shapes[0][0][0] == 6 and shapes[0][1] == longest_cand
+        shapes.clear()
+        CandidateScorer(model, tok, bucket_overhead=0).scores(SINGLE)  # the 3 prompts differ in length
+        assert sorted(s[0] for s in shapes) == sorted((1, len(tok(ex.prompt)["input_ids"])) for ex in SINGLE)
+        shapes.clear()
+        CandidateScorer(model, tok, bucket_overhead=1e9).scores(SINGLE)
+        assert shapes == [((len(SINGLE), longest), 1)]
     finally:
         hook.remove()
 

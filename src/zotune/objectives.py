@@ -21,18 +21,52 @@ MeZO computes full-vocabulary logits at every position of one sequence per candi
    ``logits_to_keep`` argument (no modeling code is copied), and the log-softmax normaliser is
    taken only at the distinct scored positions.
 
+3. On CPU, a batch is split into groups of similar length, each padded and run on its own
+   (``length_buckets``): a short prompt no longer pays for the longest one. The split minimises
+   padded tokens plus a per-call overhead; on GPUs, where small calls are launch-bound, one call.
+
 Positions are passed explicitly (``cumsum(mask) - 1``) so a score does not depend on how much a row
 is padded; OPT computes exactly these itself, RoPE and GPT-2 models otherwise shift with padding.
 """
 from __future__ import annotations
 
 import inspect
+import math
 
 import torch
 import torch.nn.functional as F
 
 from zotune.errors import ZotuneError
 from zotune.tasks.base import Example
+
+
+CPU_CALL_OVERHEAD_TOKENS = 64
+"""A model call's fixed cost on CPU, in padded tokens: the best of 0-128 for SmolLM2-135M on 2
+cores, SST-2 and RTE alike (0.59x and 0.57x the time of one padded call; measured by
+``benchmarks/forward_buckets.py``, recorded in docs/benchmarks.md)."""
+
+
+def length_buckets(lengths: list[int], overhead: float) -> list[list[int]]:
+    r"""Split rows into groups, each padded to its own longest row, at the least cost.
+
+    Groups are runs of the rows sorted by length; dynamic programming over the cut points
+    minimises :math:`\sum_g (|g| \max_{i \in g} \ell_i + c)` for lengths :math:`\ell` and a
+    per-call overhead c (in tokens). O(R^2) for R rows. Returns lists of row indices.
+    """
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    sorted_lengths = [lengths[i] for i in order]
+    n = len(order)
+    best, cut = [0.0] + [math.inf] * n, [0] * (n + 1)
+    for end in range(1, n + 1):
+        for start in range(end):  # group order[start:end], padded to sorted_lengths[end - 1]
+            cost = best[start] + (end - start) * sorted_lengths[end - 1] + overhead
+            if cost < best[end]:
+                best[end], cut[end] = cost, start
+    groups, end = [], n
+    while end > 0:
+        groups.append(order[cut[end]:end])
+        end = cut[end]
+    return groups[::-1]
 
 
 class CandidateScorer:
@@ -45,6 +79,9 @@ class CandidateScorer:
         fast: compute only what the scores need (see the module docstring); ``False`` runs MeZO's
             naive computation (full logits, one sequence per candidate), the reference in tests.
         pad_to_multiple_of: pad each batch to a multiple of this (MeZO uses 8 on GPUs).
+        bucket_overhead: what one extra model call costs, in padded tokens, when the fast path
+            splits a batch by length (see ``length_buckets``); ``"auto"`` (default) is
+            ``CPU_CALL_OVERHEAD_TOKENS`` on CPU and no splitting elsewhere; None never splits.
 
     Cost of one call on B examples with C candidates: naive = B*C sequences of length L with
     L x |V| logits each; fast = between B and B*C sequences of length L - 1 with at most
@@ -52,7 +89,11 @@ class CandidateScorer:
     """
 
     def __init__(self, model, tokenizer, *, max_length: int = 2048, fast: bool = True,
-                 pad_to_multiple_of: int | None = None):
+                 pad_to_multiple_of: int | None = None, bucket_overhead: float | str | None = "auto"):
+        if not (bucket_overhead in ("auto", None) or (isinstance(bucket_overhead, (int, float))
+                                                      and bucket_overhead >= 0)):
+            raise ValueError(f"bucket_overhead must be 'auto', None or a number >= 0, got {bucket_overhead!r}")
+        self.bucket_overhead = bucket_overhead
         self.model, self.tokenizer = model, tokenizer
         self.max_length, self.fast = int(max_length), bool(fast)
         self.pad_to_multiple_of = pad_to_multiple_of
@@ -104,7 +145,23 @@ class CandidateScorer:
     def _forward(self, rows: list[list[int]], keep: int | None) -> torch.Tensor:
         """Logits [R, keep or L, V] of the left-padded rows (last ``keep`` positions only)."""
         device = next(self.model.parameters()).device
-        length = max(map(len, rows))
+        overhead = self.bucket_overhead
+        if overhead == "auto":
+            overhead = CPU_CALL_OVERHEAD_TOKENS if device.type == "cpu" else None
+        # Only the fast path splits, and only where positions are explicit (scores then do not
+        # depend on a row's padding, so not on its group).
+        split = keep is not None and overhead is not None and self._position_ids and len(rows) > 1
+        groups = length_buckets([len(r) for r in rows], overhead) if split else []
+        if len(groups) > 1:
+            order = [i for g in groups for i in g]
+            parts = [self._padded_forward([rows[i] for i in g], keep, device) for g in groups]
+            inverse = torch.empty(len(order), dtype=torch.long)
+            inverse[torch.tensor(order)] = torch.arange(len(order))
+            return torch.cat(parts)[inverse.to(device)]
+        return self._padded_forward(rows, keep, device)
+
+    def _padded_forward(self, rows: list[list[int]], keep: int | None, device) -> torch.Tensor:
+        length = max(max(map(len, rows)), keep or 0)
         if self.pad_to_multiple_of:
             length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
         ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
