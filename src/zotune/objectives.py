@@ -153,11 +153,9 @@ class CandidateScorer:
         split = keep is not None and overhead is not None and self._position_ids and len(rows) > 1
         groups = length_buckets([len(r) for r in rows], overhead) if split else []
         if len(groups) > 1:
-            order = [i for g in groups for i in g]
             parts = [self._padded_forward([rows[i] for i in g], keep, device) for g in groups]
-            inverse = torch.empty(len(order), dtype=torch.long)
-            inverse[torch.tensor(order)] = torch.arange(len(order))
-            return torch.cat(parts)[inverse.to(device)]
+            order = torch.tensor([i for g in groups for i in g])
+            return torch.cat(parts)[order.argsort().to(device)]  # back to the rows' order
         return self._padded_forward(rows, keep, device)
 
     def _padded_forward(self, rows: list[list[int]], keep: int | None, device) -> torch.Tensor:

@@ -41,8 +41,8 @@ RESUME_KEYS = ("task", "task_file", "model", "method", "direction", "trainable",
                "one_sided", "schedule", "warmup_steps", "objective", "num_train", "num_dev",
                "data_seed", "seed", "dtype", "max_length", "estimator", "update", "projection",
                "clip_norm", "pool_size", "pezo_bits", "pezo_scaling", "pezo_pow2",
-               "pezo_decorrelate_copies", "pezo_lanes", "pezo_reuse", "kernel_order", "kernel_schedule", "kernel_r_sharing",
-               "kernel_normalization", "kernel_s0", "kernel_shrink_steps", "dizo_interval",
+               "pezo_decorrelate_copies", "pezo_lanes", "pezo_reuse", "kernel_order",
+               "kernel_schedule", "kernel_r_sharing", "kernel_normalization", "kernel_s0", "kernel_shrink_steps", "dizo_interval",
                "dizo_iterations", "dizo_eps", "dizo_step_size", "dizo_clip", "dizo_pattern")
 ESTIMATORS = ("spsa", "kernel")
 PROJECTIONS = ("none", "dizo", "dizo-fo")
@@ -119,12 +119,7 @@ class TrainConfig:
 
     def optimizer_options(self) -> dict:
         """The ZOOptimizer arguments that compose the method from its parts."""
-        from .directions import make_direction
-
-        kernel = {k[len("kernel_"):]: v for k, v in dataclasses.asdict(self).items()
-                  if k.startswith("kernel_") and v is not None}
-        dizo = {k[len("dizo_"):]: v for k, v in dataclasses.asdict(self).items()
-                if k.startswith("dizo_") and v is not None}
+        kernel, dizo = self._options("kernel_"), self._options("dizo_")
         options: dict = {"update": self.update, "clip_norm": self.clip_norm,
                          "direction": self.make_direction()}
         if self.estimator == "kernel" or kernel:
@@ -142,6 +137,11 @@ class TrainConfig:
             options["projection"] = dizo
         return options
 
+    def _options(self, prefix: str) -> dict:
+        """The settings ``prefix*`` that are set, by their names without the prefix."""
+        return {k[len(prefix):]: v for k, v in dataclasses.asdict(self).items()
+                if k.startswith(prefix) and v is not None}
+
     def direction_name(self) -> str:
         """The direction in use: ``direction`` if set, else the method's own (MeZO's Gaussian
         for most methods, PeZO's pool for ``pezo``)."""
@@ -154,8 +154,7 @@ class TrainConfig:
         from .directions import DIRECTIONS
 
         name = self.direction_name()
-        options = {k[len("pezo_"):]: v for k, v in dataclasses.asdict(self).items()
-                   if k.startswith("pezo_") and v is not None}
+        options = self._options("pezo_")
         if options.get("bits") == 0:
             options["bits"] = None
         if self.pool_size is not None:

@@ -58,13 +58,13 @@ MAX_LANES = 1024
 BLOCK_NUMBERS = 1 << 14
 
 
-def _uniform(n: int, bits: int | None, gen: torch.Generator, dtype=torch.float64, device="cpu") -> torch.Tensor:
-    """n symmetric uniform numbers on (-1, 1): b-bit fixed point (r + 1/2) / 2^(b-1), exact in
-    float32 and float64 and the same levels in both, or float U(-1, 1) when bits is None."""
+def _uniform(n: int, bits: int | None, gen: torch.Generator) -> torch.Tensor:
+    """n symmetric uniform numbers on (-1, 1) in float64: b-bit fixed point (r + 1/2) / 2^(b-1),
+    or float U(-1, 1) when bits is None."""
     if bits is None:
-        return torch.rand(n, generator=gen, dtype=dtype, device=device).mul_(2).sub_(1)
+        return torch.rand(n, generator=gen, dtype=torch.float64).mul_(2).sub_(1)
     half = 1 << (bits - 1)
-    r = torch.randint(-half, half, (n,), generator=gen, dtype=dtype, device=device)
+    r = torch.randint(-half, half, (n,), generator=gen, dtype=torch.float64)
     return r.add_(0.5).mul_(1.0 / half)
 
 
@@ -293,7 +293,7 @@ class PeZOBank:
         self.alpha = _pow2(alpha) if pow2 else alpha
         self.numbers_per_element = 1.0 / reuse
         self.block_cycles = lanes * max(1, BLOCK_NUMBERS // (lanes * lanes))
-        self._scratch: dict[tuple, torch.Tensor] = {}
+        self._local = threading.local()  # per sweep thread scratch, as the engine keeps its own
 
     def max_chunk_size(self) -> int | None:
         return None
@@ -301,10 +301,11 @@ class PeZOBank:
     def _buf(self, name: str, numel: int, dtype, device) -> torch.Tensor:
         """A scratch buffer of this thread, kept between draws (fresh CPU buffers of megabytes
         cost more in page faults than the whole draw)."""
-        k = (threading.get_ident(), name, dtype, torch.device(device))
-        buf = self._scratch.get(k)
+        scratch = self._local.__dict__.setdefault("buffers", {})
+        k = (name, dtype, torch.device(device))
+        buf = scratch.get(k)
         if buf is None or buf.numel() < numel:
-            buf = self._scratch[k] = torch.empty(numel, dtype=dtype, device=device)
+            buf = scratch[k] = torch.empty(numel, dtype=dtype, device=device)
         return buf[:numel]
 
     def probe_key(self, run_seed: int, step: int, probe: int, num_probes: int) -> int:
