@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 
 from .. import rng
 from ..plan import ProbePlan, ZOGrad, map_coef
+from .spsa import check_settings
 
 KERNELS: dict[int, Callable[[float], float]] = {
     1: lambda r: 3.0 * r,
@@ -80,6 +81,7 @@ class KernelSPSA:
         code_scale: kernel multiplier under ``code`` normalisation (4, as the released code).
     """
 
+    feedback = "losses"
     R_SHARING = ("probe", "tensor")
     NORMALIZATIONS = ("paper", "code")
 
@@ -164,7 +166,12 @@ class KernelSPSA:
         return ZOGrad(tuple(terms))
 
     def state_dict(self) -> dict:
-        return {}
+        """The settings (r is a function of the probe key, the interval of the step): saved so a
+        checkpoint is not continued with another kernel or schedule."""
+        return {"estimator": "kernel", "eps": self.eps, "order": self.order, "num_probes": self.num_probes,
+                "schedule": self.schedule, "s0": self.s0, "shrink_steps": self.shrink_steps,
+                "s_min": self.s_min, "r_sharing": self.r_sharing, "normalization": self.normalization,
+                "code_scale": self.code_scale}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        check_settings(self, state)

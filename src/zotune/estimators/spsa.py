@@ -27,6 +27,8 @@ class SPSA:
         one_sided: use the forward difference against the unperturbed loss.
     """
 
+    feedback = "losses"
+
     def __init__(self, eps: float = 1e-3, num_probes: int = 1, one_sided: bool = False) -> None:
         if not eps > 0:
             raise ValueError(f"eps must be > 0, got {eps}")
@@ -62,7 +64,19 @@ class SPSA:
         return ZOGrad(tuple((plan.keys[j], c * scale) for j, c in enumerate(coeffs)))
 
     def state_dict(self) -> dict:
-        return {}
+        """No state evolves (the estimate is a function of the step's losses); the settings are
+        saved so a checkpoint is not continued with another estimator."""
+        return {"estimator": "spsa", "eps": self.eps, "num_probes": self.num_probes,
+                "one_sided": self.one_sided}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        check_settings(self, state)
+
+
+def check_settings(estimator, state: dict) -> None:
+    """Raise ValueError if a saved estimator's settings differ from ``estimator``'s."""
+    mine = estimator.state_dict()
+    diff = [k for k in mine if k in state and state[k] != mine[k]]
+    if diff:
+        raise ValueError("state dict was made with another estimator: " + ", ".join(
+            f"{k}={state[k]!r} (here {mine[k]!r})" for k in diff))

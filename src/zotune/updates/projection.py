@@ -31,7 +31,6 @@ activations and the gradient of the projected tensors).
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import re
@@ -115,9 +114,11 @@ class DiZO:
     """DiZO's layer-wise projection, run by the optimizer after every ``interval``-th update.
 
     Protocol: :meth:`bind` once (anchors theta_0), then after the update of 0-based step ``t``, if
-    :meth:`due` (t), call :meth:`project` (ZO) or :meth:`project_fo` (FO) with the parameters
-    unperturbed (``engine.current == ()``; flush a deferred update first). Parameters are read and
-    written through ``engine.base`` + ``engine.sync``, so fp32 master copies are what is projected.
+    :meth:`due` (t), run the search with the parameters unperturbed (flush a deferred update
+    first): as an ask/tell object (:meth:`start_search`; the optimizer's ``ProjectionStep`` does
+    this) or with a callable, :meth:`project` (ZO) / :meth:`project_fo` (FO). Parameters are read
+    and written through ``engine.base`` + ``engine.sync``, so fp32 master copies are what is
+    projected; names and shapes come from ``engine.layout``.
 
     Args:
         interval: steps between projections, kappa (50).
@@ -168,16 +169,19 @@ class DiZO:
         self.last_ratios: list[float] = []
         self.forward_passes = self.backward_passes = self.searches = 0
         self._index: list[int] = []
+        self.engine = None
 
     # ----------------------------------------------------------------- setup
     def bind(self, engine) -> None:
         """Choose the projected targets among the engine's tensors and anchor them: fp32 copies of
         their current unperturbed values (theta_0). Only the targets are copied, never the model."""
-        names = [t.name for t in engine.tensors]
-        shapes = {t.name: t.param.shape for t in engine.tensors}
+        layout = engine.layout
+        names = [t.name for t in layout if t.role == "zo"]
+        shapes = {t.name: torch.Size(t.shape) for t in layout}
         self.targets = (targets_from_pattern(names, self.pattern) if self.pattern
                         else default_targets(names, shapes))
-        where = {t.name: i for i, t in enumerate(engine.tensors)}
+        where = {t.name: t.index for t in layout}
+        self.engine = engine
         self._index = [where[t.name] for t in self.targets]
         views = [self._view(engine, i).detach() for i in range(len(self.targets))]
         self.anchors = [v.to(torch.promote_types(v.dtype, torch.float32), copy=True) for v in views]
@@ -213,104 +217,60 @@ class DiZO:
 
     def _view(self, engine, i: int) -> torch.Tensor:
         ti = self._index[i]
-        return self.targets[i].view(engine.base(ti), engine.tensors[ti].param.shape)
+        return self.targets[i].view(engine.base(ti), engine.layout[ti].shape)
 
     # ---------------------------------------------------------------- search
+    def start_search(self, engine, key: int):
+        """The ask/tell search of this projection (``updates/dizo_search.py``), started now: the
+        parameters must be unperturbed. ``key`` seeds the ZO search's norm perturbations."""
+        from .dizo_search import FOSearch, ZOSearch
+
+        return (FOSearch if self.search == "fo" else ZOSearch)(self, engine, key)
+
+    def resume_search(self, engine, state: dict):
+        """A search restored from its ``state_dict`` (a checkpoint taken in the middle of it)."""
+        from .dizo_search import FOSearch, ZOSearch
+
+        return (FOSearch if state["kind"] == "fo" else ZOSearch).from_state(self, engine, state)
+
     @torch.no_grad()
     def project(self, engine, evaluate: Callable[[int], float], key: int) -> None:
         """The ZO search, then the projection. ``evaluate(j)`` returns the loss (float) of search
         batch j at the current parameters; ``key`` seeds the norm perturbations (iteration j draws
         from ``rng.mix(key, j)``). An iteration with a non-finite loss does not move gamma."""
-        delta, n = self.displacements(engine)
-        moving = n > 0                     # a layer with Delta = 0 keeps ratio 1 (nothing to scale)
-        safe = torch.where(moving, n, torch.ones_like(n))
-        gamma, bound = n.clone(), self.clip * n / self.eps
-        lo, hi = (1 - self.clip) * n, (1 + self.clip) * n
-        ratio = lambda g: torch.where(moving, g / safe, 1.0)
+        from ..feedback import Losses
+
+        search = self.start_search(engine, key)
         try:
-            for j in range(self.iterations):
-                u = torch.randn(len(n), generator=rng.generator(rng.mix(key, j)), dtype=torch.float64)
-                u = torch.maximum(torch.minimum(u, bound), -bound)
-                self.rescale(engine, ratio(gamma + self.eps * u), delta)
-                plus = float(evaluate(j))
-                self.rescale(engine, ratio(gamma - self.eps * u), delta)
-                minus = float(evaluate(j))
-                self.forward_passes += 2
-                if math.isfinite(plus) and math.isfinite(minus):
-                    h = (plus - minus) / (2 * self.eps)
-                    gamma = torch.maximum(torch.minimum(gamma - self.step_size * n * h * u, hi), lo)
+            while (query := search.ask()) is not None:
+                search.tell(Losses((float(evaluate(query.batch[1])),)))
         except BaseException:
-            self.rescale(engine, [1.0] * len(n), delta)  # back to where the search started
+            search.abort()
             raise
-        self.rescale(engine, ratio(gamma), delta)
-        self.last_ratios = ratio(gamma).tolist()
-        self.searches += 1
 
     def project_fo(self, engine, loss_with_grad: Callable[[int], torch.Tensor], key: int) -> None:
         """The first-order search, then the projection.
 
         ``loss_with_grad(j)`` computes the differentiable scalar loss of search batch j with the
         model as it is (it closes over the model; no model argument is needed here, because the
-        projected tensors are the engine's own Parameters). Grad mode is enabled around it. Each
-        iteration writes theta_l = anchor_l + (gamma_l / ||Delta_l||) Delta_l into the live
-        Parameters (the authors divide by ||Delta_l|| + 1e-8; here a layer with Delta = 0 keeps
-        ratio 1 instead), takes ``torch.autograd.grad`` of the loss with respect to the projected
-        Parameters only (no ``.grad`` buffers, no model copy; ``requires_grad`` is switched off on
-        the other trainable tensors for the search, which also spares their activations, and
-        restored afterwards), contracts it with Delta_l to dL/dgamma_l and takes an Adam step on
+        projected tensors are the engine's own Parameters). Each iteration writes
+        theta_l = anchor_l + (gamma_l / ||Delta_l||) Delta_l into the live Parameters (the
+        authors divide by ||Delta_l|| + 1e-8; here a layer with Delta = 0 keeps ratio 1 instead),
+        takes ``torch.autograd.grad`` of the loss with respect to the projected Parameters only (no
+        ``.grad`` buffers, no model copy; ``requires_grad`` is switched off on the other trainable
+        tensors for the search, which also spares their activations, and restored afterwards),
+        contracts it with Delta_l to dL/dgamma_l and takes an Adam step on
         loss + fo_l1 sum|gamma|. ``key`` is unused (the search is deterministic given the batches).
         """
-        del key
-        with torch.no_grad():
-            delta, n = self.displacements(engine)
-        moving = n > 0
-        safe = torch.where(moving, n, torch.ones_like(n)).float()
-        ratio = lambda g: torch.where(moving, g.detach() / safe, 1.0).tolist()
-        if self.fo_init == "norm" or self.gamma is None:
-            self.gamma = n.float() if self.fo_init == "norm" else torch.zeros(len(n))
-            self.adam_state = None
-        gamma = self.gamma.clone().requires_grad_(True)
-        adam = torch.optim.Adam([gamma], lr=self.fo_lr)
-        if self.adam_state is not None:
-            adam.load_state_dict(copy.deepcopy(self.adam_state))
-        params = [engine.tensors[ti].param for ti in self._index]
-        unique = list({id(p): p for p in params}.values())
+        from ..feedback import gradient_of
+
+        search = self.start_search(engine, key)
         try:
-            with torch.enable_grad(), _grad_only(unique, [t.param for t in engine.tensors]):
-                for j in range(self.iterations):
-                    with torch.no_grad():
-                        self.rescale(engine, ratio(gamma), delta)
-                    loss = loss_with_grad(j)
-                    self.forward_passes += 1
-                    if not (torch.is_tensor(loss) and loss.requires_grad):
-                        raise RuntimeError("DiZO's FO search needs loss_with_grad to return a tensor "
-                                           "computed with grad enabled; got one without a graph")
-                    if not torch.isfinite(loss.detach()).all():
-                        continue
-                    grads = torch.autograd.grad(loss, unique, allow_unused=True)
-                    self.backward_passes += 1
-                    by_param = dict(zip(map(id, unique), grads))
-                    del loss, grads
-                    with torch.no_grad():
-                        dgamma = torch.zeros_like(gamma)
-                        for i, (target, p) in enumerate(zip(self.targets, params)):
-                            g = by_param[id(p)]
-                            if g is not None:
-                                gi = target.view(g.reshape(-1), p.shape).to(delta[i].dtype)
-                                dgamma[i] = float((gi * delta[i]).sum()) / float(safe[i])
-                        gamma.grad = dgamma + self.fo_l1 * gamma.detach().sign()
-                    del by_param
-                    adam.step()
+            while (query := search.ask()) is not None:
+                search.tell(gradient_of(lambda: loss_with_grad(query.batch[1]), engine, query.wrt))
         except BaseException:
-            with torch.no_grad():
-                self.rescale(engine, [1.0] * len(n), delta)
+            search.abort()
             raise
-        with torch.no_grad():
-            ratios = ratio(gamma)
-            self.rescale(engine, ratios, delta)
-        self.gamma, self.adam_state = gamma.detach().clone(), copy.deepcopy(adam.state_dict())
-        self.last_ratios = ratios
-        self.searches += 1
 
     # ------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict:
@@ -335,17 +295,3 @@ class DiZO:
         self.adam_state = copy.deepcopy(state.get("adam_state"))
         self.last_ratios = list(state.get("last_ratios", []))
         self.forward_passes, self.backward_passes, self.searches = state.get("counters", (0, 0, 0))
-
-
-@contextlib.contextmanager
-def _grad_only(wanted: Sequence[torch.Tensor], trainable: Sequence[torch.Tensor]):
-    """``requires_grad`` on ``wanted`` only among ``trainable`` (a superset); flags restored on exit."""
-    saved = [(p, p.requires_grad) for p in trainable]
-    keep = {id(p) for p in wanted}
-    try:
-        for p, _ in saved:
-            p.requires_grad_(id(p) in keep)
-        yield
-    finally:
-        for p, flag in saved:
-            p.requires_grad_(flag)

@@ -3,21 +3,24 @@ r"""Update rules: how a ZO gradient :math:`\hat g = \sum_k c_k z_k` changes the 
 Each rule is per-tensor maths in the torch.optim functional style, applied chunk by chunk by an
 engine while the chunk's directions are in cache:
 
-* ``transform(grad)`` acts on the scalar coefficients (ZO-SGD-Sign keeps only their signs);
-* ``fused`` rules (SGD) are applied inside the sweep as :math:`\theta \mathrel{-}= \eta \sum_k c_k z_k`,
-  with no gradient buffer;
-* other rules receive the materialised gradient chunk ``g`` and their state slices and apply
-  :math:`\theta \mathrel{-}= \eta\, f(g, \text{state})` in place.
+* ``fused`` rules (SGD) are applied to a ZO gradient inside the sweep as
+  :math:`\theta \mathrel{-}= \eta \sum_k c_k z_k`, with no gradient buffer;
+* every rule has ``apply_chunk(x, g, state, lr, step)``: the materialised gradient chunk ``g``
+  (regenerated from keys, or read from a sparse or dense gradient) and its state slices, applied
+  as :math:`\theta \mathrel{-}= \eta\, f(g, \text{state})` in place. Every rule is additive in
+  :math:`\theta`, so an engine may apply it before or after adding the next perturbation.
+* ``transforms``: gradient transforms a rule implies (ZO-SGD-Sign is SGD after
+  :class:`~zotune.updates.transforms.ScalarSign`); they are chained before the rule with the
+  user's own (``updates/transforms.py``).
 
-Weight decay is decoupled and applied by the engine as :math:`\theta \leftarrow (1 - \eta\lambda)\theta`
-before the rule, only on tensors that are not biases or norm weights (as MeZO).
+Weight decay is applied by the engine, only on tensors that are not biases or norm weights (as
+MeZO): decoupled, :math:`\theta \leftarrow (1 - \eta\lambda)\theta` before the rule (MeZO, AdamW), or
+coupled, :math:`g \leftarrow g + \lambda\theta` (``torch.optim.SGD``'s and ``Adam``'s L2), which
+differs from decoupled decay only for stateful rules.
 """
 from __future__ import annotations
 
-import math
-
-
-from ..plan import ZOGrad
+from .transforms import ScalarSign
 
 
 class SGD:
@@ -26,12 +29,10 @@ class SGD:
     name = "sgd"
     fused = True
     state_names: tuple[str, ...] = ()
+    transforms: tuple = ()
 
-    def transform(self, grad: ZOGrad) -> ZOGrad:
-        return grad
-
-    def apply_chunk(self, x, g, state, lr, step):  # pragma: no cover - fused rules never get here
-        x.add_(g, alpha=-lr)
+    def apply_chunk(self, x, g, state, lr, step):  # dense and sparse gradients
+        x.add_(g.to(x.dtype), alpha=-lr)
 
 
 class Sign(SGD):
@@ -42,9 +43,7 @@ class Sign(SGD):
     """
 
     name = "sign"
-
-    def transform(self, grad: ZOGrad) -> ZOGrad:
-        return grad.map(lambda c: math.copysign(1.0, c) if c != 0 else 0.0)
+    transforms = (ScalarSign(),)
 
 
 class Momentum:
@@ -57,15 +56,13 @@ class Momentum:
 
     name = "momentum"
     fused = False
+    transforms: tuple = ()
     state_names = ("momentum_buffer",)
 
     def __init__(self, momentum: float = 0.9) -> None:
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         self.momentum = momentum
-
-    def transform(self, grad: ZOGrad) -> ZOGrad:
-        return grad
 
     def apply_chunk(self, x, g, state, lr, step):
         buf = state["momentum_buffer"]
@@ -85,6 +82,7 @@ class Adam:
 
     name = "adam"
     fused = False
+    transforms: tuple = ()
     state_names = ("exp_avg", "exp_avg_sq")
 
     def __init__(self, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
@@ -94,9 +92,6 @@ class Adam:
         if not eps > 0:
             raise ValueError(f"adam eps must be > 0, got {eps}")
         self.betas, self.eps = (b1, b2), eps
-
-    def transform(self, grad: ZOGrad) -> ZOGrad:
-        return grad
 
     def apply_chunk(self, x, g, state, lr, step):
         b1, b2 = self.betas
@@ -109,19 +104,19 @@ class Adam:
 
 class LinearCoupling:
     r"""The accelerated (look-ahead) ZO-SGD that KerZOO's released code runs (Nesterov's linear
-    coupling, "similar triangles"), with :math:`	au_k = 6/(k+6)` for the k-th update (0-based).
+    coupling, "similar triangles"), with :math:`\tau_k = 6/(k+6)` for the k-th update (0-based).
 
     The code keeps the iterate x and a full copy c and evaluates gradients at the look-ahead point
-    :math:`y_k = 	au_k c_k + (1-	au_k) x_k`:
+    :math:`y_k = \tau_k c_k + (1-\tau_k) x_k`:
 
-    .. math:: c_{k+1} = c_k - \eta \hat g(y_k), \qquad x_{k+1} = 	au_k c_{k+1} + (1-	au_k) x_k.
+    .. math:: c_{k+1} = c_k - \eta \hat g(y_k), \qquad x_{k+1} = \tau_k c_{k+1} + (1-\tau_k) x_k.
 
     Here the state is the difference :math:`e = c - x` (one fp32 copy of the trainable
     parameters, the variant's documented extra memory), so that
-    :math:`y_k = x_k + 	au_k e_k` is a shift the optimizer applies before probing
+    :math:`y_k = x_k + \tau_k e_k` is a shift the optimizer applies before probing
     (``shift_chunk``, one sweep without random numbers), and from :math:`y_k` the update is
 
-    .. math:: x_{k+1} = y_k - \eta 	au_k \hat g, \qquad e_{k+1} = (1-	au_k)(e_k - \eta \hat g),
+    .. math:: x_{k+1} = y_k - \eta \tau_k \hat g, \qquad e_{k+1} = (1-\tau_k)(e_k - \eta \hat g),
 
     algebraically identical to the code's recursion (tested). Between steps the parameters hold
     x, as in the code. Reference: research/kerzoo_dizo.md, section 2.4.
@@ -129,6 +124,7 @@ class LinearCoupling:
 
     name = "agd"
     fused = False
+    transforms: tuple = ()
     lookahead = True
     state_names = ("lookahead_diff",)
 
@@ -140,9 +136,6 @@ class LinearCoupling:
     def tau(self, step: int) -> float:
         """tau_k for the update numbered ``step`` (1-based, as engines pass it)."""
         return self.warm / (step - 1 + self.warm)
-
-    def transform(self, grad: ZOGrad) -> ZOGrad:
-        return grad
 
     def shift_chunk(self, x, state, step, sign: float = 1.0):
         """x <- x + sign * tau_k * e: to the look-ahead point (sign 1) or back (sign -1)."""
@@ -159,14 +152,12 @@ class Shift:
 
     name = "shift"
     fused = False
+    transforms: tuple = ()
     state_names: tuple[str, ...] = ()
 
     def __init__(self, rule, sign: float = 1.0) -> None:
         self.rule, self.sign = rule, sign
         self.state_names = rule.state_names
-
-    def transform(self, grad: ZOGrad) -> ZOGrad:
-        return grad
 
     def apply_chunk(self, x, g, state, lr, step):
         self.rule.shift_chunk(x, state, step, self.sign)

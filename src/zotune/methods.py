@@ -1,0 +1,187 @@
+r"""Named methods and the builder that assembles a step from its parts.
+
+A method is a preset of parts (direction, estimator, update rule, transforms, step program,
+post-update programs); every part can be overridden, so presets compose (``kerzoo`` estimates on
+``pezo-pool`` directions with DiZO's projection and Adam is one call). :func:`build` turns the
+options of :class:`~zotune.optim.ZOOptimizer` into a :class:`~zotune.steps.StepCore`; the optimizer
+itself only adapts it to ``torch.optim``.
+"""
+from __future__ import annotations
+
+import difflib
+import warnings
+
+from . import rng
+from .directions import make_direction
+from .engines import ENGINES
+from .estimators import SPSA, KernelSPSA
+from .steps import ConservativeStep, EstimateStep, ProjectionStep, StepCore
+from .updates import UPDATES, ClipTensorNorm
+from .updates.schedules import check_schedule
+
+KERZOO_CODE = {"order": 3, "num_probes": 3, "schedule": "linear", "s0": 1.0, "shrink_steps": 4000,
+               "r_sharing": "tensor", "normalization": "code"}
+"""The kernel options of KerZOO's released code (research/kerzoo_dizo.md, section 2.4)."""
+
+METHODS: dict[str, dict] = {
+    "mezo": {"update": "sgd"},
+    "zo-sgd": {"update": "sgd"},
+    "zo-momentum": {"update": "momentum"},
+    "zo-adam": {"update": "adam"},
+    "zo-sign": {"update": "sign"},
+    "zo-cons": {"update": "sgd", "program": "conservative"},
+    "kerzoo": {"update": "sgd", "kernel": {}},
+    "kerzoo-code": {"update": "agd", "kernel": KERZOO_CODE, "clip_norm": 4e5},
+    "dizo": {"update": "sgd", "projection": {"search": "zo"}},
+    "dizo-fo": {"update": "sgd", "projection": {"search": "fo"}},
+    "pezo": {"update": "sgd", "direction": "pezo-pool"},
+}
+"""Named methods (presets of estimator, direction, update rule, step program and projection).
+MeZO and ZO-Bench's ZO-SGD are the same algorithm (Zhang et al., 2024). ``kerzoo``: KerZOO's
+estimator as the paper states it (order-3 kernel, one r per probe). ``kerzoo-code``: as the
+authors' code runs it (3 probes, r per tensor on a linearly shrinking interval, the code's kernel
+scale, per-tensor clipping at 4e5, look-ahead acceleration). ``dizo``/``dizo-fo``: MeZO with
+DiZO's layer-wise projection, searched by ZO or by backprop. ``pezo``: MeZO with PeZO's
+pre-generated uniform pool, carried-over offset, adaptive scaling."""
+
+PROGRAMS = {"estimate": EstimateStep, "conservative": ConservativeStep}
+STATE_FREE = ("sgd", "sign")
+LOW_PRECISION_PROBES = ("exclude", "keep")
+PROBE_COVERAGE_THRESHOLD = 0.5
+"""A low-precision tensor whose probes move fewer than this fraction of its elements is excluded
+(``low_precision_probes="exclude"``): its ulp exceeds eps |z| almost everywhere, so its finite
+differences measure nothing and its update would be a random walk (docs/design.md)."""
+
+OPTIONS = ("seed", "direction", "num_probes", "one_sided", "momentum", "betas", "adam_eps", "schedule",
+           "warmup_steps", "total_steps", "defer_update", "estimator", "update", "kernel", "projection",
+           "clip_norm", "transforms", "chunk_size", "master_weights", "threads", "engine", "rng_device",
+           "low_precision_probes", "coupled_decay")
+
+
+def decays(name: str, param, named: bool) -> bool:
+    """Whether weight decay applies: not to biases and norm weights (MeZO's rule, extended to
+    Llama's ``norm`` and GPT-2's ``ln_*``); for unnamed tensors, not to 1-D tensors."""
+    if not named:
+        return param.ndim > 1
+    lowered = name.lower()
+    return not ("bias" in lowered or "norm" in lowered or ".ln_" in lowered or lowered.startswith("ln_"))
+
+
+def check_options(options: dict) -> None:
+    """Raise ValueError for an option :func:`build` does not take, naming the closest ones."""
+    for key in options:
+        if key not in OPTIONS:
+            close = difflib.get_close_matches(key, OPTIONS, n=3)
+            raise ValueError(f"unknown ZOOptimizer option {key!r}"
+                             + (f"; did you mean: {', '.join(close)}?" if close else
+                                f"; valid options: {', '.join(OPTIONS)}"))
+
+
+def make_estimator(spec: dict, eps: float, num_probes: int | None, one_sided: bool, kernel: dict | None):
+    """The method's estimator; kernel options (``kernel=``) turn any method into a kernel one."""
+    if kernel is None and "kernel" not in spec:
+        return SPSA(eps, num_probes or 1, one_sided)
+    if one_sided:
+        raise ValueError("kernel-weighted estimators are two-sided; one_sided=True does not apply")
+    options = {**spec.get("kernel", {}), **(kernel or {})}
+    if num_probes is not None:
+        options["num_probes"] = num_probes
+    try:
+        return KernelSPSA(eps, **options)
+    except TypeError as err:
+        raise ValueError(f"bad kernel options {sorted(options)}: {err}") from None
+
+
+def make_projection(spec: dict, projection):
+    """The method's projection (DiZO), from an object, a dict of options or the preset."""
+    if projection is False or (projection is None and "projection" not in spec):
+        return None
+    if projection is not None and not isinstance(projection, dict):
+        return projection
+    from .updates.projection import DiZO
+
+    options = {**spec.get("projection", {}), **(projection or {})}
+    try:
+        return DiZO(**options)
+    except TypeError as err:
+        raise ValueError(f"bad projection options {sorted(options)}: {err}") from None
+
+
+def make_rule(name: str, momentum: float = 0.9, betas=(0.9, 0.999), adam_eps: float = 1e-8):
+    if name not in UPDATES:
+        raise ValueError(f"unknown update rule {name!r}; valid: {', '.join(UPDATES)}")
+    cls = UPDATES[name]
+    if name == "momentum":
+        return cls(momentum)
+    if name == "adam":
+        return cls(betas, adam_eps)
+    return cls()
+
+
+def exclude_unprobed(engine, eps: float) -> list[str]:
+    """Set role ``frozen`` on low-precision tensors whose probes at ``eps`` move fewer than
+    :data:`PROBE_COVERAGE_THRESHOLD` of their elements; return their names (with the reason
+    recorded in the layout, so a resumed run excludes the same tensors)."""
+    excluded = []
+    for spec, coverage in zip(engine.layout, engine.probe_coverage(eps)):
+        if spec.role == "zo" and coverage < PROBE_COVERAGE_THRESHOLD:
+            reason = (f"{str(spec.dtype).replace('torch.', '')} probes at eps={eps:g} move "
+                      f"{coverage:.0%} of its elements (its ulp exceeds eps |z|)")
+            engine.layout.set_role(spec.index, "frozen", reason)
+            excluded.append(spec.name)
+    return excluded
+
+
+def build(entries, *, eps: float, method: str, group_lrs, group_weight_decays, seed: int = 0,
+          direction=None, num_probes=None, one_sided: bool = False, momentum: float = 0.9,
+          betas=(0.9, 0.999), adam_eps: float = 1e-8, schedule: str = "constant", warmup_steps: int = 0,
+          total_steps=None, defer_update: bool = False, estimator=None, update=None, kernel=None,
+          projection=None, clip_norm=None, transforms=(), chunk_size: int = rng.DEFAULT_CHUNK_SIZE,
+          master_weights="auto", threads=None, engine="in-memory", rng_device=None,
+          low_precision_probes: str = "exclude", coupled_decay: bool = False) -> StepCore:
+    """Assemble a step core from ``(name, tensor, group, decays)`` entries and the options of
+    :class:`~zotune.optim.ZOOptimizer` (which documents them)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
+    if low_precision_probes not in LOW_PRECISION_PROBES:
+        raise ValueError(f"unknown low_precision_probes {low_precision_probes!r}; valid: "
+                         f"{', '.join(LOW_PRECISION_PROBES)}")
+    check_schedule(schedule, warmup_steps, total_steps)
+    spec = METHODS[method]
+    direction = make_direction(direction or spec.get("direction", "gaussian"))
+    if estimator is None:
+        estimator = make_estimator(spec, eps, num_probes, one_sided, kernel)
+    rule = (make_rule(update or spec["update"], momentum, betas, adam_eps)
+            if update is None or isinstance(update, str) else update)
+    program = PROGRAMS[spec.get("program", "estimate")]()
+    if isinstance(program, ConservativeStep) and getattr(rule, "name", None) not in STATE_FREE:
+        raise ValueError(f"zo-cons compares theta -+ lr g before applying one of them, which needs a "
+                         f"state-free update rule ({', '.join(STATE_FREE)}); got {rule.name!r}")
+    clip_norm = spec.get("clip_norm") if clip_norm is None else clip_norm
+    transforms = list(transforms) + ([ClipTensorNorm(clip_norm)] if clip_norm is not None else [])
+    # Look-ahead and conservative steps need each update applied before the next evaluation.
+    defer_update = bool(defer_update) and not (getattr(rule, "lookahead", False)
+                                               or isinstance(program, ConservativeStep))
+    engine_cls = ENGINES.get(engine) if isinstance(engine, str) else engine
+    if engine_cls is None:
+        raise ValueError(f"unknown engine {engine!r}; valid engines: {', '.join(ENGINES)}")
+    eng = engine_cls(entries, direction, chunk_size=chunk_size, master_weights=master_weights,
+                     threads=threads, rng_device=rng_device)
+    excluded = exclude_unprobed(eng, eps) if low_precision_probes == "exclude" else []
+    if excluded:
+        warnings.warn(f"{len(excluded)} low-precision tensor(s) are not trained, their probes round "
+                      f"away (e.g. {excluded[0]}: {eng.layout.spec(excluded[0]).reason}); pass "
+                      "low_precision_probes='keep' to train them anyway", stacklevel=3)
+    if hasattr(estimator, "bind"):
+        estimator.bind([t.tensor_id for t in eng.layout])
+    proj = make_projection(spec, projection)
+    posts = []
+    if proj is not None:
+        proj.bind(eng)
+        posts.append(ProjectionStep(proj))
+    core = StepCore(eng, direction, estimator, rule, transforms=transforms, program=program, posts=posts,
+                    seed=seed, group_lrs=group_lrs, group_weight_decays=group_weight_decays,
+                    schedule=(schedule, warmup_steps, total_steps), defer_update=defer_update,
+                    coupled_decay=coupled_decay)
+    core.method, core.clip_norm, core.excluded, core.projection = method, clip_norm, excluded, proj
+    return core

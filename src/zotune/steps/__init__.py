@@ -1,0 +1,6 @@
+"""Step programs (ask/tell state machines) and the core that runs them."""
+from .core import StepCore
+from .estimate import ConservativeStep, EstimateStep
+from .search import ProjectionStep
+
+__all__ = ["StepCore", "EstimateStep", "ConservativeStep", "ProjectionStep"]
