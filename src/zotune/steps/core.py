@@ -87,8 +87,8 @@ class StepCore:
         """Answer the last Query."""
         if not self._asked:
             raise RuntimeError("tell() needs a pending query: call ask() first")
+        self._programs[self._index].tell(self, feedback)  # bad feedback raises: still pending
         self._asked = False
-        self._programs[self._index].tell(self, feedback)
 
     def run(self, answer: Callable) -> float:
         """One whole step: ``answer(query) -> feedback`` for every query; returns its result."""

@@ -49,22 +49,23 @@ class EstimateStep:
 
     def tell(self, core, feedback) -> None:
         plan = self.plan(core)
+        given = feedback
         feedback = as_kind(feedback, getattr(core.estimator, "feedback", "losses"), plan.num_points)
         self.phase = "done"
-        values = list(feedback.values) if isinstance(feedback, Losses) else feedback
-        core.last_losses = values if isinstance(feedback, Losses) else []
-        if isinstance(feedback, Losses) and not feedback.finite:
+        core.last_losses = list(given.values) if isinstance(given, Losses) else []
+        if isinstance(given, Losses) and not given.finite:
             self.skip(core)
             return
+        values = list(feedback.values) if isinstance(feedback, Losses) else feedback
         grad = core.estimator.combine(plan, values, core.direction.second_moment, self.step)
         grad = core.transforms(grad, core.engine)
         core.last_grad = grad
         update = core.make_update(grad, self.step)
         core.updates += 1
         core.engine.apply(update, defer=core.defer_update)
-        if isinstance(feedback, Losses):
-            one_sided = getattr(core.estimator, "one_sided", False)
-            self.result = values[0] if one_sided else sum(values) / len(values)
+        if isinstance(given, Losses):  # a ranking has no loss to report
+            losses = core.last_losses
+            self.result = losses[0] if getattr(core.estimator, "one_sided", False) else sum(losses) / len(losses)
 
     def skip(self, core) -> None:
         """Back to the iterate without an update (a non-finite loss)."""
