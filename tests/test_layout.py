@@ -125,3 +125,11 @@ def test_excluded_tensors_are_restored_from_the_checkpoint():
     assert fresh.engine.layout[1].role == "zo"
     fresh.load_state_dict(state)
     assert fresh.engine.layout[1].role == "frozen"
+
+
+def test_an_eps_below_every_tensors_ulp_is_an_error():
+    model = torch.nn.Linear(4, 4).to(torch.bfloat16)
+    with torch.no_grad():
+        model.weight.fill_(1.0), model.bias.fill_(1.0)
+    with pytest.raises(ValueError, match="every trainable bfloat16 tensor round away"):
+        zotune.ZOOptimizer(model.named_parameters(), eps=1e-4)

@@ -122,8 +122,14 @@ def exclude_unprobed(engine, eps: float) -> list[str]:
     """Set role ``frozen`` on low-precision tensors whose probes at ``eps`` move fewer than
     :data:`PROBE_COVERAGE_THRESHOLD` of their elements; return their names (with the reason
     recorded in the layout, so a resumed run excludes the same tensors)."""
-    excluded = []
-    for spec, coverage in zip(engine.layout, engine.probe_coverage(eps)):
+    excluded, coverages = [], engine.probe_coverage(eps)
+    zo = [spec for spec in engine.layout if spec.role == "zo"]
+    if zo and all(coverages[spec.index] < PROBE_COVERAGE_THRESHOLD for spec in zo):
+        raise ValueError(f"at eps={eps:g} the probes of every trainable {str(zo[0].dtype).replace('torch.', '')}"
+                         f" tensor round away (they move at most {max(coverages[s.index] for s in zo):.0%} "
+                         "of its elements); use a larger eps, float32 parameters, or "
+                         "low_precision_probes='keep'")
+    for spec, coverage in zip(engine.layout, coverages):
         if spec.role == "zo" and coverage < PROBE_COVERAGE_THRESHOLD:
             reason = (f"{str(spec.dtype).replace('torch.', '')} probes at eps={eps:g} move "
                       f"{coverage:.0%} of its elements (its ulp exceeds eps |z|)")
