@@ -1,18 +1,10 @@
 r"""``ZOOptimizer``: zeroth-order training behind the ``torch.optim.Optimizer`` interface.
 
 ``step(closure)`` runs one step program (``steps/``) to completion: it asks what to evaluate, has
-the engine evaluate it with the closure (under ``torch.no_grad``; no backward pass, no gradient
-buffers) and tells the program the losses. Like ``torch.optim.LBFGS``, the closure is required.
-``ask()``/``tell()`` expose the same loop for feedback that is not a callable, e.g. a ranking::
-
-    opt = zotune.ZOOptimizer(model.named_parameters(), lr=1e-6, eps=1e-3, method="mezo", seed=0)
-    for batch in loader:
-        loss = opt.step(lambda: loss_fn(model, batch))
-    opt.flush()   # apply a deferred update before evaluation or saving
-
-Pass ``named_parameters()`` when you can: names key the random numbers (so a run does not depend
-on parameter order) and select the tensors exempt from weight decay (biases and norm weights, as
-MeZO). With plain ``parameters()``, tensors are named by position and 1-D tensors are exempt.
+the engine evaluate it with the closure (under ``torch.no_grad``: no backward pass, no gradient
+buffers) and tells the program the losses; ``ask()``/``tell()`` expose that loop for feedback that
+is not a callable (a ranking by a person). Pass ``named_parameters()`` when you can: names key the
+random numbers and select the tensors exempt from weight decay (biases and norm weights).
 """
 from __future__ import annotations
 
@@ -82,22 +74,16 @@ class ZOOptimizer(torch.optim.Optimizer):
                           group_weight_decays=lambda: [g["weight_decay"] for g in self.param_groups])
         for p, buffers in zip(self._params, self.core.rule_buffers):
             self.state[p] = buffers  # torch.optim's view of the rule state
+        # Optional (step, iteration) -> closure(s) for search batches; default: the step's own.
         self.search_closures: Callable[[int, int], Closure | Sequence[Closure]] | None = None
-        """Optional ``(step, iteration) -> closure(s)`` giving a projection search its batches;
-        by default it reuses the step's closures."""
 
     def __getattr__(self, name: str):
         if name in _FROM_CORE:
             return getattr(self.__dict__["core"], name)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
-    @property
-    def steps_taken(self) -> int:
-        return self.core.step
-
-    @property
-    def _pending(self):
-        return self.core.engine.pending
+    steps_taken = property(lambda self: self.core.step)
+    _pending = property(lambda self: self.core.engine.pending)
 
     def current_lr(self, group: int = 0) -> float:
         """The scheduled learning rate of ``group`` for the next step."""
@@ -105,8 +91,7 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     # ----------------------------------------------------------- stepping
     def ask(self) -> Query | None:
-        """What the current step needs evaluated (starting a step if none is under way), or None
-        once the step is complete."""
+        """What the current step needs evaluated (starting one if idle); None once it is done."""
         return self.core.ask()
 
     def tell(self, feedback) -> None:

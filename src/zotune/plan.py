@@ -28,6 +28,11 @@ def coef_at(coef: Coef, tensor_id: int) -> float:
     return coef
 
 
+def coef_from_state(c) -> Coef:
+    """A coefficient read back from a state dict (float, or per-tensor dict)."""
+    return {int(t): float(v) for t, v in c.items()} if isinstance(c, dict) else float(c)
+
+
 def map_coef(coef: Coef, fn) -> Coef:
     """``fn`` applied to a coefficient, tensor by tensor."""
     if isinstance(coef, dict):

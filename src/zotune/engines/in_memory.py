@@ -43,7 +43,7 @@ import torch
 from .. import rng
 from ..directions import Direction, Position, draw
 from ..layout import ParamLayout, TensorSpec
-from ..plan import ProbePlan, Terms, ZOGrad, coef_at
+from ..plan import ProbePlan, Terms, ZOGrad, coef_at, coef_from_state
 from .base import Update, check_update, dense_chunk
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -259,7 +259,7 @@ class InMemoryEngine:
                     raise ValueError(f"master copy of {t.name!r} has shape {tuple(m.shape)}, expected "
                                      f"{tuple(t.master.shape)}")
                 t.master.copy_(m)
-        self.current = tuple((int(k), _coef(a)) for k, a in state["current"])
+        self.current = tuple((int(k), coef_from_state(a)) for k, a in state["current"])
 
     def close(self) -> None:
         if self._pool is not None:
@@ -401,7 +401,3 @@ class InMemoryEngine:
             t.flat[s:e].copy_(m)
         return drawn
 
-
-def _coef(c):
-    """A coefficient read back from a state dict (float, or per-tensor dict)."""
-    return {int(t): float(v) for t, v in c.items()} if isinstance(c, dict) else float(c)

@@ -17,9 +17,9 @@ import torch
 from .. import rng
 from ..directions import Direction, materialize
 from ..layout import ParamLayout
-from ..plan import ProbePlan, Terms, ZOGrad, coef_at
+from ..plan import ProbePlan, Terms, ZOGrad, coef_at, coef_from_state
 from .base import Update, check_update, dense_chunk
-from .in_memory import LOW_PRECISION, _coef
+from .in_memory import LOW_PRECISION
 
 
 class ReferenceEngine:
@@ -173,7 +173,7 @@ class ReferenceEngine:
                 "masters": [b.clone() if m else None for b, m in zip(self._base, self.has_master)]}
 
     def load_state_dict(self, state: dict) -> None:
-        self.current = tuple((int(k), _coef(a)) for k, a in state["current"])
+        self.current = tuple((int(k), coef_from_state(a)) for k, a in state["current"])
         for i, (b, m) in enumerate(zip(self._base, state["masters"])):
             if m is not None:
                 b.copy_(m)

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..engines.base import Update
-from ..plan import ZOGrad
+from ..plan import ZOGrad, coef_from_state
 from ..updates import Shift, lr_factor
 from ..updates.transforms import chain
 
@@ -149,7 +149,7 @@ class StepCore:
             return None
         self.ensure_rule_state()
         rule = self.rule if packed["shift"] is None else Shift(self.rule, packed["shift"])
-        grad = ZOGrad(tuple((int(k), _coef(c)) for k, c in packed["terms"]))
+        grad = ZOGrad(tuple((int(k), coef_from_state(c)) for k, c in packed["terms"]))
         return Update(grad, rule, packed["lr"], packed["weight_decay"], packed["step"], self.rule_state,
                       packed.get("coupled_decay", False))
 
@@ -193,7 +193,3 @@ class StepCore:
         self._index, self._asked = state["index"], state["asked"]
         self.engine.pending = self.unpack_update(state["pending"])
 
-
-def _coef(c):
-    """A coefficient read back from a state dict (float, or per-tensor dict)."""
-    return {int(t): float(v) for t, v in c.items()} if isinstance(c, dict) else float(c)

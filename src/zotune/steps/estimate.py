@@ -22,7 +22,7 @@ import math
 from ..directions import probe_key
 from ..engines.base import Update
 from ..feedback import CURRENT, Losses, Query, as_kind
-from ..plan import ProbePlan, ZOGrad, map_coef
+from ..plan import ProbePlan, ZOGrad, coef_from_state, map_coef
 
 
 class EstimateStep:
@@ -155,5 +155,4 @@ class ConservativeStep(EstimateStep):
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.base_loss, self.lr = state["base_loss"], state["lr"]
-        self.terms = tuple((int(k), {int(t): float(v) for t, v in c.items()} if isinstance(c, dict)
-                            else float(c)) for k, c in state["terms"])
+        self.terms = tuple((int(k), coef_from_state(c)) for k, c in state["terms"])
