@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from .engines.base import MicroBatches
 from .feedback import Losses, Query, gradient_of
 from .methods import METHODS, build, check_options, decays
 
@@ -127,7 +128,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.core.forward_passes += len(fns) * query.num_points
         if query.kind == "grad":
             return gradient_of(lambda: sum(fn() for fn in fns) / len(fns), self.core.engine, query.wrt)
-        return Losses(self.evaluate(query, lambda: sum(float(fn()) for fn in fns) / len(fns)))
+        # a lone objective reaches the engine as it is (an engine may drive a structured one)
+        return Losses(self.evaluate(query, fns[0] if len(fns) == 1 else MicroBatches(fns)))
 
     def flush(self) -> None:
         """Apply a deferred update and remove any perturbation: parameters are then exactly the

@@ -4,6 +4,8 @@ An engine owns where the parameters live. Its contract (DESIGN.md, section 1.1):
 
 ``evaluate(plan, objective) -> list``
     the objective's value at every point ``theta + sum_j a_j z_j`` of the plan, in plan order.
+    An objective is a callable returning the loss of the model as it is; :class:`MicroBatches`
+    is the mean of several (gradient accumulation), with its parts visible to the engine.
     The engine decides how: in place one point after another (in-memory), block by block with all
     points evaluated while a block is resident (offload; the objective is then a structured
     :class:`~zotune.objectives` object it can drive, not an opaque closure), a subset of the points
@@ -103,3 +105,18 @@ def check_update(update: Update | None) -> None:
     if update is not None and not isinstance(update.grad, (ZOGrad, SparseGrad, DenseGrad)):
         raise TypeError(f"an update's gradient is a ZOGrad, SparseGrad or DenseGrad, got "
                         f"{type(update.grad).__name__}")
+
+
+class MicroBatches:
+    """The mean of several objectives at the same point (micro-batches: gradient accumulation).
+
+    ``parts`` stays visible, so an engine that drives the forward itself (block streaming,
+    cached block inputs) can run each part its own way; plain engines just call it."""
+
+    def __init__(self, parts) -> None:
+        self.parts = list(parts)
+        if not self.parts:
+            raise ValueError("MicroBatches needs at least one objective")
+
+    def __call__(self) -> float:
+        return sum(float(part()) for part in self.parts) / len(self.parts)
