@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .errors import ZotuneError
 
+
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per setting of TrainConfig (``--`` + its flat name), grouped by section."""
     from .config import LEAVES, SECTIONS
@@ -62,23 +63,29 @@ def load_config(path: str | None, overrides: dict):
     return cfg.updated(overrides, source="the command line")
 
 
-def cmd_train(args) -> int:
-    from .train import train
-
+def train_config(args):
+    """The TrainConfig of ``zotune train``: --config's YAML, or with --resume and no --config the
+    run's own config.json, overridden by the flags given."""
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume", "quiet", "func")}
     cfg = load_config(args.config, overrides)
     if args.resume and args.config is None and "output_dir" in overrides:
         saved = Path(cfg.run.output_dir) / "config.json"
         if saved.exists():  # resume with the run's own settings (nested or flat), flags override
             cfg = _saved_config(saved).updated(overrides, source="the command line")
-    summary = train(cfg, resume=args.resume, progress=not args.quiet)
+    return cfg
+
+
+def cmd_train(args) -> int:
+    from .train import train
+
+    summary = train(train_config(args), resume=args.resume, progress=not args.quiet)
     print(json.dumps({k: summary[k] for k in ("task", "status", "zero_shot", "best_dev", "best_step",
                                               "test", "steps", "wall_time_s")}))
     return 0
 
 
 def _saved_config(path: Path):
-    """The config of a run directory: config.json, nested or in zotune 0.1's flat form."""
+    """The config of a run directory: config.json, nested, or flat as older runs wrote it."""
     from .config import TrainConfig
 
     try:
@@ -121,11 +128,11 @@ def cmd_eval(args) -> int:
 
 
 def cmd_list(args) -> int:
+    from .config import OBJECTIVES, TRAINABLE
     from .directions import DIRECTIONS
     from .models import EMBEDDED
     from .optim import METHODS
     from .tasks import list_tasks
-    from .config import OBJECTIVES, TRAINABLE
 
     print("models:     " + ", ".join(EMBEDDED) + " (embedded); any Hugging Face causal LM by id or local path")
     print("tasks:      " + ", ".join(list_tasks()) + " (or --task-file for your own JSONL task)")

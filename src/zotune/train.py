@@ -161,8 +161,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
     if resume:
         if previous is None:
             raise ZotuneError(f"--resume: no checkpoint in {out}/checkpoints; nothing to resume")
-        saved = out / "config.json"  # nested, or flat from zotune 0.1
-        changed = resume_conflicts(TrainConfig.from_dict(json.loads(saved.read_text()), source=str(saved)), cfg)
+        saved = out / "config.json"  # nested, or flat as older runs wrote it
+        saved_cfg = TrainConfig.from_dict(json.loads(saved.read_text()), source=str(saved))
+        changed = resume_conflicts(saved_cfg, cfg)
         if changed:
             raise checkpoint.CheckpointError(
                 f"cannot resume {out}: it was started with different settings: " + "; ".join(changed))

@@ -7,8 +7,8 @@ saved config.json files of any zotune version (``sections`` declares them, ``key
     engine: {defer_update: true}
     run:    {steps: 1000, seed: 0, output_dir: runs/sst2}
 
-The flat spelling of zotune 0.1 (``lr: 1.0e-5``, ``kernel_order: 3``, ``--kernel-order 3``) maps
-each flat name to one nested field.
+The spelling of the former flat TrainConfig (``lr: 1.0e-5``, ``kernel_order: 3``,
+``--kernel-order 3``) still works: each flat name maps to one nested field.
 """
 from .keys import BY_FLAT, BY_PATH, LEAVES, SECTIONS, Leaf, resume_conflicts, resume_keys
 from .sections import (DEFAULT_EPS, DEFAULT_LR, DTYPES, ESTIMATORS, FIXED, FREE, OBJECTIVES,

@@ -5,7 +5,7 @@ Each leaf field of :class:`TrainConfig` has
 * a path (``("method", "kernel", "order")``, written ``method.kernel.order``): the nested YAML key;
 * a flat name (``kernel_order``): its section's ``flat_prefix`` + the field name, or the field's
   ``flat`` metadata (``model.name`` is ``model``, ``method.name`` is ``method``,
-  ``method.pezo.pool_size`` is ``pool_size``). These are zotune 0.1's flat keys, so old YAML
+  ``method.pezo.pool_size`` is ``pool_size``). These are the former flat TrainConfig's keys, so old YAML
   files and saved config.json files still load;
 * a flag: ``--`` + the flat name with ``-`` for ``_`` (``--kernel-order``).
 

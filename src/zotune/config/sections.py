@@ -12,7 +12,7 @@
 
 Every field is declared with :func:`setting`: its default, a help text (the flag's), whether it
 may change when a run is resumed (``FIXED``, ``FREE`` or a check), and its flat name where that is
-not the usual one. Flat names are the keys and flags of the flat config of zotune 0.1 (``lr``,
+not the usual one. Flat names are the keys and flags of the former flat TrainConfig (``lr``,
 ``kernel_order``, ``--dizo-interval``); :mod:`zotune.config.keys` derives them from these fields.
 """
 from __future__ import annotations
@@ -68,10 +68,6 @@ def component(cls):
 
     cls.__init__ = __init__
     return cls
-
-
-def _section(factory, help: str):
-    return field(default_factory=factory, metadata={"help": help})
 
 
 def _set_options(family) -> dict:
@@ -193,9 +189,9 @@ class MethodConfig:
     projection: str | None = setting(None, "override the method's projection: none, dizo or dizo-fo")
     clip_norm: float | None = setting(None, "per-tensor norm clip of the ZO gradient")
     direction: str | None = setting(None, "random direction distribution (default: the method's own)")
-    kernel: KernelOptions = _section(KernelOptions, "KerZOO kernel options")
-    dizo: DiZOOptions = _section(DiZOOptions, "DiZO projection options")
-    pezo: PeZOOptions = _section(PeZOOptions, "direction options (PeZO pool and bank, pooled)")
+    kernel: KernelOptions = field(default_factory=KernelOptions)
+    dizo: DiZOOptions = field(default_factory=DiZOOptions)
+    pezo: PeZOOptions = field(default_factory=PeZOOptions)
 
     def optimizer_options(self) -> dict:
         """The ZOOptimizer arguments that compose the method from its parts."""
@@ -280,11 +276,11 @@ class TrainConfig:
     (``TrainConfig.from_flat(lr=1e-5, kernel_order=3)``), or from a mapping of either
     (``TrainConfig.from_dict``: YAML files, saved config.json files of any version)."""
 
-    model: ModelConfig = _section(ModelConfig, "the model and its trainable parameters")
-    data: DataConfig = _section(DataConfig, "task, data protocol, batches, evaluation sets")
-    method: MethodConfig = _section(MethodConfig, "the ZO method and its parts")
-    engine: EngineConfig = _section(EngineConfig, "how a step sweeps the parameters")
-    run: RunConfig = _section(RunConfig, "length, seed, output, logging and evaluation cadence")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    run: RunConfig = field(default_factory=RunConfig)
 
     @classmethod
     def from_dict(cls, mapping, *, source: str = "the settings") -> "TrainConfig":
@@ -296,7 +292,8 @@ class TrainConfig:
 
     @classmethod
     def from_flat(cls, **settings) -> "TrainConfig":
-        """A config from zotune 0.1's flat keyword arguments: ``from_flat(task="rte", lr=1e-5)``."""
+        """A config from the former flat TrainConfig's keyword arguments:
+        ``TrainConfig.from_flat(task="rte", lr=1e-5, kernel_order=3)``."""
         return cls.from_dict(settings, source="the arguments of TrainConfig.from_flat")
 
     def updated(self, mapping, *, source: str = "the settings") -> "TrainConfig":
