@@ -1,8 +1,11 @@
 """The ZO fine-tuning recipe: one readable loop from a config to a fine-tuned model and a report.
 
     load task (MeZO protocol) -> load model, choose trainable parameters -> zero-shot eval
-    -> for each step: ZO step on a batch; log; every ``eval_every`` steps: dev eval, checkpoint
+    -> for each step: ZO step on a batch; log; every ``run.eval_every`` steps: dev eval, checkpoint
     -> test eval of the best-dev parameters -> summary.json, metrics.jsonl, curves.png
+
+The settings are a ``TrainConfig`` (``zotune.config``): ``cfg.model``, ``cfg.data``, ``cfg.method``,
+``cfg.engine``, ``cfg.run``.
 
 Exact resume: batches are a function of (seed, step) and the optimizer's random numbers of
 (seed, step, probe, tensor, chunk), so a run resumed from a checkpoint follows the uninterrupted
