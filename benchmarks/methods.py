@@ -35,7 +35,8 @@ from zotune import ZOOptimizer, rng  # noqa: E402
 from zotune.models import load_model, select_trainable, trainable_parameters  # noqa: E402
 from zotune.objectives import CandidateScorer  # noqa: E402
 from zotune.tasks import get_task  # noqa: E402
-from zotune.train import DEFAULT_EPS, BatchSampler  # noqa: E402
+from zotune.config import DEFAULT_EPS  # noqa: E402
+from zotune.train import BatchSampler  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = {

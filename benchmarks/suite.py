@@ -20,7 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from step_speed import write_section  # noqa: E402
 
-from zotune.train import TrainConfig, train  # noqa: E402
+from zotune.config import DataConfig, MethodConfig, ModelConfig, RunConfig, TrainConfig  # noqa: E402
+from zotune.train import train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ["sst2", "rte", "cb", "boolq", "wsc", "wic", "multirc", "copa", "squad"]
@@ -47,10 +48,13 @@ def main():
         return write_table(rows, args)
     with tempfile.TemporaryDirectory() as tmp:
         for task in args.tasks:
-            cfg = TrainConfig(task=task, data_dir=args.data_dir, steps=args.steps, lr=args.lr,
-                              direction=args.direction, eval_every=args.steps, eval_dev=args.eval_dev,
-                              num_test=args.num_test_squad if task == "squad" else args.num_test,
-                              max_length=args.max_length, output_dir=f"{tmp}/{task}", log_every=10)
+            cfg = TrainConfig(
+                model=ModelConfig(max_length=args.max_length),
+                data=DataConfig(task=task, data_dir=args.data_dir, eval_dev=args.eval_dev,
+                                num_test=args.num_test_squad if task == "squad" else args.num_test),
+                method=MethodConfig(lr=args.lr, direction=args.direction),
+                run=RunConfig(steps=args.steps, eval_every=args.steps, output_dir=f"{tmp}/{task}",
+                              log_every=10))
             s = train(cfg, progress=False)
             row = {"task": task, "metric": s["metric"], "zero_shot": s["zero_shot"]["test"],
                    "trained": s["test"], "steps": s["steps"], "test_examples": s["test_examples"],

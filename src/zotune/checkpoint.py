@@ -1,7 +1,8 @@
 """Checkpoints of a training run, written so that a crash never loses a finished one.
 
 A checkpoint is a directory holding the trainable parameters (``trainable.safetensors``), the
-optimizer state (``optimizer.pt``: rule buffers, master weights, step counters, RNG keys) and the
+optimizer state (``optimizer.pt``: rule buffers, master weights, step counters, RNG keys; only
+tensors and plain containers, loaded with ``weights_only=True``) and the
 loop's state (``state.json``). It is written under a temporary name and renamed into place; the
 ``latest`` pointer file is then replaced atomically, and only after that is the previous checkpoint
 removed. At every instant, ``latest`` names a complete checkpoint.
@@ -17,6 +18,8 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -110,8 +113,24 @@ def load(path: Path, model_params: dict[str, torch.nn.Parameter]) -> tuple[dict,
     opt_path = path / "optimizer.pt"
     optimizer_state = None
     if opt_path.exists():
-        try:
-            optimizer_state = torch.load(opt_path, weights_only=False)
-        except Exception as exc:  # noqa: BLE001 - any unpickling failure is a corrupt file
-            raise CheckpointError(f"cannot read optimizer state {opt_path}: {exc}") from None
+        optimizer_state = _load_optimizer_state(opt_path)
     return state, optimizer_state
+
+
+def _load_optimizer_state(path: Path) -> dict:
+    """``optimizer.pt`` unpickled with ``weights_only=True``: tensors and plain containers (dict,
+    list, tuple, int, float, str, bool, None) load, anything else (a class instance, a function)
+    is refused instead of being executed."""
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure is a corrupt, foreign or truncated file
+        found = re.search(r"Unsupported global: (?:GLOBAL )?(\S+?)\.? was not an allowed global", str(exc))
+        if isinstance(exc, pickle.UnpicklingError) and found:
+            raise CheckpointError(f"refusing to load optimizer state {path}: it holds a "
+                                  f"{found.group(1)} object, not only tensors and plain containers "
+                                  "(zotune never writes one; the file is not from zotune or was "
+                                  "altered)") from None
+        reason = " ".join(str(exc).split())  # torch's own advice (weights_only=False) left out
+        reason = re.split(r" Please use| Check the documentation",
+                          reason.split("WeightsUnpickler error: ")[-1])[0]
+        raise CheckpointError(f"cannot read optimizer state {path}: {reason}") from None

@@ -2,6 +2,7 @@
 
     zotune train --task sst2 --method mezo --steps 1000 --output-dir runs/sst2
     zotune train --config run.yaml --lr 1e-5          # flags override the YAML file
+                                                      # (nested `method: {lr: ...}` or flat `lr: ...`)
     zotune train --output-dir runs/sst2 --resume      # continue exactly where it stopped
     zotune eval  --task sst2 --checkpoint runs/sst2
     zotune list
@@ -12,7 +13,6 @@ for the traceback); Ctrl-C saves a checkpoint and exits with 130.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -20,104 +20,79 @@ from pathlib import Path
 
 from .errors import ZotuneError
 
-HELP = {
-    "task": "task name (see `zotune list`)", "task_file": "custom task spec (YAML/JSON) instead of --task",
-    "model": "embedded model name, local directory or Hugging Face id",
-    "method": "ZO method", "direction": "random direction distribution (default: the method's own)",
-    "trainable": "which parameters to train", "pattern": "regex of parameter names (--trainable pattern)",
-    "steps": "training steps", "batch_size": "examples per step", "lr": "learning rate (default by scheme)",
-    "eps": "perturbation scale (default by scheme)", "num_probes": "directions per step (n-SPSA)",
-    "defer_update": "fuse each update into the next perturbation (2 parameter sweeps per step)",
-    "objective": "training loss; auto = the task's own", "eval_every": "dev evaluation interval (steps)",
-    "eval_dev": "evaluate on only the first N dev examples during training",
-    "data_dir": "GLUE/SuperGLUE files in their official layout (default: $ZOTUNE_DATA)",
-    "data_seed": "seed of MeZO's data sampling", "seed": "run seed (directions and batch order)",
-    "output_dir": "run directory", "max_time": "stop (with a checkpoint) after this many seconds",
-    "dtype": "parameter dtype (bf16/fp16 keep an fp32 master copy)",
-    "device": "auto (GPU if available), cpu, cuda or cuda:N",
-    "estimator": "override the method's estimator: spsa or kernel (KerZOO)",
-    "update": "override the method's update rule: sgd, momentum, adam, sign or agd",
-    "projection": "override the method's projection: none, dizo or dizo-fo",
-    "clip_norm": "per-tensor norm clip of the ZO gradient",
-    "pool_size": "numbers in the pool of pooled/pezo-pool directions",
-    "pezo_bits": "PeZO: bits of the uniform numbers, 1-16 (0: float)",
-    "pezo_scaling": "PeZO: norm_per_tensor, norm_global, static or none (the bank: static or none)",
-    "pezo_pow2": "PeZO: round the scale to a power of two",
-    "pezo_decorrelate_copies": "PeZO pool: shift each copy of the pool per probe (not in the paper)",
-    "pezo_lanes": "PeZO bank: generators", "pezo_reuse": "PeZO bank: numbers reused per cycle",
-    "kernel_order": "KerZOO kernel order: 1, 3 or 5", "kernel_schedule": "constant, linear or harmonic",
-    "kernel_r_sharing": "probe (paper) or tensor (code)", "kernel_normalization": "paper or code",
-    "kernel_s0": "initial half-width of r's interval", "kernel_shrink_steps": "steps of the linear shrink",
-    "dizo_interval": "DiZO: steps between projections", "dizo_iterations": "DiZO: search iterations",
-    "dizo_eps": "DiZO: perturbation of the per-layer norms", "dizo_step_size": "DiZO: search step size",
-    "dizo_clip": "DiZO: ratio range 1 +- clip", "dizo_pattern": "DiZO: regex of projected tensors",
-}
-
-
-def _field_type(field: dataclasses.Field):
-    ann = str(field.type)
-    if ann in ("bool", "bool | None"):
-        return bool
-    for name, typ in (("int", int), ("float", float), ("str", str)):
-        if ann.startswith(name):
-            return typ
-    raise TypeError(f"unsupported config field type {ann}")
-
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    from .train import TrainConfig
+    """One flag per setting of TrainConfig (``--`` + its flat name), grouped by section."""
+    from .config import LEAVES, SECTIONS
 
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        typ = _field_type(f)
-        help_text = HELP.get(f.name, "") + f" (default: {f.default})"
-        if typ is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                                help=help_text)
+    groups = {}
+    for leaf in LEAVES:
+        section = leaf.path[0]
+        if section not in groups:
+            groups[section] = parser.add_argument_group(
+                f"{section} settings (YAML: {section}: {{...}} or flat keys)",
+                SECTIONS[(section,)].__doc__.split("\n")[0])
+        help_text = f"{leaf.help} [{leaf.dotted}] (default: {leaf.default})"
+        if leaf.kind is bool:
+            groups[section].add_argument(leaf.flag, dest=leaf.flat, action=argparse.BooleanOptionalAction,
+                                         default=argparse.SUPPRESS, help=help_text)
         else:
-            parser.add_argument(flag, type=typ, default=argparse.SUPPRESS, help=help_text,
-                                metavar=f.name.upper())
+            groups[section].add_argument(leaf.flag, dest=leaf.flat, type=leaf.kind,
+                                         default=argparse.SUPPRESS, help=help_text,
+                                         metavar=leaf.flat.upper())
+
+
+def _read_yaml(path: str) -> dict:
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ZotuneError(f"cannot read config {path}: {' '.join(str(exc).split())}") from None
+    if not isinstance(loaded, dict):
+        raise ZotuneError(f"config {path} must be a mapping of settings")
+    return loaded
 
 
 def load_config(path: str | None, overrides: dict):
-    """TrainConfig from an optional YAML file, overridden by explicit flags."""
-    import yaml
+    """TrainConfig from an optional YAML file (nested sections or flat keys), overridden by
+    explicit flags (flat names)."""
+    from .config import TrainConfig
 
-    from .train import TrainConfig
+    cfg = TrainConfig.from_dict(_read_yaml(path), source=path) if path else TrainConfig()
+    return cfg.updated(overrides, source="the command line")
 
-    values: dict = {}
-    if path:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise ZotuneError(f"cannot read config {path}: {exc}") from None
-        if not isinstance(loaded, dict):
-            raise ZotuneError(f"config {path} must be a mapping of settings")
-        values = {k.replace("-", "_"): v for k, v in loaded.items()}
-        valid = {f.name for f in dataclasses.fields(TrainConfig)}
-        unknown = sorted(set(values) - valid)
-        if unknown:
-            raise ZotuneError(f"unknown setting(s) in {path}: {', '.join(unknown)}; valid settings: "
-                              + ", ".join(sorted(valid)))
-    values.update(overrides)
-    return TrainConfig(**values)
+
+def train_config(args):
+    """The TrainConfig of ``zotune train``: --config's YAML, or with --resume and no --config the
+    run's own config.json, overridden by the flags given."""
+    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume", "quiet", "func")}
+    cfg = load_config(args.config, overrides)
+    if args.resume and args.config is None and "output_dir" in overrides:
+        saved = Path(cfg.run.output_dir) / "config.json"
+        if saved.exists():  # resume with the run's own settings (nested or flat), flags override
+            cfg = _saved_config(saved).updated(overrides, source="the command line")
+    return cfg
 
 
 def cmd_train(args) -> int:
     from .train import train
 
-    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume", "quiet", "func")}
-    cfg = load_config(args.config, overrides)
-    if args.resume and args.config is None and "output_dir" in overrides:
-        saved = Path(cfg.output_dir) / "config.json"
-        if saved.exists():  # resume with the run's own settings, flags still override
-            base = json.loads(saved.read_text())
-            base.update(overrides)
-            cfg = load_config(None, base)
-    summary = train(cfg, resume=args.resume, progress=not args.quiet)
+    summary = train(train_config(args), resume=args.resume, progress=not args.quiet)
     print(json.dumps({k: summary[k] for k in ("task", "status", "zero_shot", "best_dev", "best_step",
                                               "test", "steps", "wall_time_s")}))
     return 0
+
+
+def _saved_config(path: Path):
+    """The config of a run directory: config.json, nested, or flat as older runs wrote it."""
+    from .config import TrainConfig
+
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ZotuneError(f"cannot read {path}: {exc}") from None
+    return TrainConfig.from_dict(saved, source=str(path))
 
 
 def cmd_eval(args) -> int:
@@ -130,13 +105,13 @@ def cmd_eval(args) -> int:
         saved = run / "config.json"
         if not saved.exists():
             raise ZotuneError(f"{run} is not a zotune run directory (no config.json)")
-        cfg = load_config(None, json.loads(saved.read_text()))
-    for key in ("task", "task_file", "model", "data_dir"):
-        if getattr(args, key) is not None:
-            setattr(cfg, key, getattr(args, key))
+        cfg = _saved_config(saved)
+    cfg = cfg.updated({key: getattr(args, key) for key in ("task", "task_file", "model", "data_dir")
+                       if getattr(args, key) is not None}, source="the command line")
     task = load_task(cfg)
-    data = task.load(cfg.data_dir, num_train=cfg.num_train, num_dev=cfg.num_dev,
-                     num_test=args.num_test or cfg.num_test, seed=cfg.data_seed)
+    d = cfg.data
+    data = task.load(d.data_dir, num_train=d.num_train, num_dev=d.num_dev,
+                     num_test=args.num_test or d.num_test, seed=d.data_seed)
     model, _, scorer, params = build(cfg.resolved(), task)
     source = "zero-shot"
     if run is not None:
@@ -153,11 +128,11 @@ def cmd_eval(args) -> int:
 
 
 def cmd_list(args) -> int:
+    from .config import OBJECTIVES, TRAINABLE
     from .directions import DIRECTIONS
     from .models import EMBEDDED
     from .optim import METHODS
     from .tasks import list_tasks
-    from .train import OBJECTIVES, TRAINABLE
 
     print("models:     " + ", ".join(EMBEDDED) + " (embedded); any Hugging Face causal LM by id or local path")
     print("tasks:      " + ", ".join(list_tasks()) + " (or --task-file for your own JSONL task)")

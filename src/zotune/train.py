@@ -1,8 +1,11 @@
 """The ZO fine-tuning recipe: one readable loop from a config to a fine-tuned model and a report.
 
     load task (MeZO protocol) -> load model, choose trainable parameters -> zero-shot eval
-    -> for each step: ZO step on a batch; log; every ``eval_every`` steps: dev eval, checkpoint
+    -> for each step: ZO step on a batch; log; every ``run.eval_every`` steps: dev eval, checkpoint
     -> test eval of the best-dev parameters -> summary.json, metrics.jsonl, curves.png
+
+The settings are a ``TrainConfig`` (``zotune.config``): ``cfg.model``, ``cfg.data``, ``cfg.method``,
+``cfg.engine``, ``cfg.run``.
 
 Exact resume: batches are a function of (seed, step) and the optimizer's random numbers of
 (seed, step, probe, tensor, chunk), so a run resumed from a checkpoint follows the uninterrupted
@@ -11,7 +14,6 @@ run bitwise. Ctrl-C and ``max_time`` save a checkpoint before stopping.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import math
 import os
@@ -24,203 +26,19 @@ import numpy as np
 import torch
 
 from . import checkpoint, rng
+from .config import DEFAULT_EPS, DEFAULT_LR, OBJECTIVES, TRAINABLE, TrainConfig, resume_conflicts
 from .errors import ZotuneError
-from .optim import METHODS, ZOOptimizer
-from .directions import DIRECTIONS
-from .updates import SCHEDULES
+from .optim import ZOOptimizer
+
+__all__ = ["DEFAULT_EPS", "DEFAULT_LR", "DTYPES", "OBJECTIVES", "TRAINABLE", "BatchSampler",
+           "TrainConfig", "build", "evaluate", "load_task", "objective_fn", "train"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-OBJECTIVES = ("auto", "classification", "answer_lm", "accuracy", "f1")
-TRAINABLE = ("full", "lora", "prefix", "pattern")
-# MeZO's per-scheme defaults (research/mezo_zobench.md, section 3.1): lr and eps.
-DEFAULT_LR = {"full": 1e-6, "lora": 1e-4, "prefix": 1e-2, "pattern": 1e-6}
-DEFAULT_EPS = {"full": 1e-3, "lora": 1e-2, "prefix": 1e-1, "pattern": 1e-3}
-# Settings that must not change when a run is resumed.
-RESUME_KEYS = ("task", "task_file", "model", "method", "direction", "trainable", "pattern", "lora_r",
-               "lora_alpha", "prefix_tokens", "batch_size", "lr", "eps", "weight_decay", "num_probes",
-               "one_sided", "schedule", "warmup_steps", "objective", "num_train", "num_dev",
-               "data_seed", "seed", "dtype", "max_length", "estimator", "update", "projection",
-               "clip_norm", "pool_size", "pezo_bits", "pezo_scaling", "pezo_pow2",
-               "pezo_decorrelate_copies", "pezo_lanes", "pezo_reuse", "kernel_order",
-               "kernel_schedule", "kernel_r_sharing", "kernel_normalization", "kernel_s0", "kernel_shrink_steps", "dizo_interval",
-               "dizo_iterations", "dizo_eps", "dizo_step_size", "dizo_clip", "dizo_pattern")
-ESTIMATORS = ("spsa", "kernel")
-PROJECTIONS = ("none", "dizo", "dizo-fo")
-
-
-def _direction_flag(option: str) -> str:
-    return "--pool-size" if option == "pool_size" else "--pezo-" + option.replace("_", "-")
-
-
-@dataclass
-class TrainConfig:
-    """Every setting of a run (CLI flags and YAML keys have the same names, with - for _)."""
-
-    task: str = "sst2"
-    task_file: str | None = None
-    model: str = "smollm2-135m"
-    method: str = "mezo"
-    direction: str | None = None
-    trainable: str = "full"
-    pattern: str | None = None
-    lora_r: int = 8
-    lora_alpha: int = 16
-    prefix_tokens: int = 5
-    steps: int = 1000
-    batch_size: int = 16
-    lr: float | None = None
-    eps: float | None = None
-    weight_decay: float = 0.0
-    num_probes: int | None = None
-    one_sided: bool = False
-    schedule: str = "constant"
-    warmup_steps: int = 0
-    defer_update: bool = True
-    objective: str = "auto"
-    eval_every: int = 100
-    eval_dev: int | None = None
-    eval_batch_size: int = 32
-    num_train: int = 1000
-    num_dev: int | None = None
-    num_test: int = 1000
-    data_dir: str | None = None
-    data_seed: int = 0
-    seed: int = 0
-    output_dir: str = "runs/zotune"
-    log_every: int = 10
-    max_time: float | None = None
-    max_length: int = 2048
-    dtype: str = "float32"
-    device: str = "auto"
-    # Composition: each overrides one part of the method's preset (None keeps the preset's).
-    estimator: str | None = None
-    update: str | None = None
-    projection: str | None = None
-    clip_norm: float | None = None
-    pool_size: int | None = None
-    pezo_bits: int | None = None
-    pezo_scaling: str | None = None
-    pezo_pow2: bool | None = None
-    pezo_decorrelate_copies: bool | None = None
-    pezo_lanes: int | None = None
-    pezo_reuse: int | None = None
-    kernel_order: int | None = None
-    kernel_schedule: str | None = None
-    kernel_r_sharing: str | None = None
-    kernel_normalization: str | None = None
-    kernel_s0: float | None = None
-    kernel_shrink_steps: int | None = None
-    dizo_interval: int | None = None
-    dizo_iterations: int | None = None
-    dizo_eps: float | None = None
-    dizo_step_size: float | None = None
-    dizo_clip: float | None = None
-    dizo_pattern: str | None = None
-
-    def optimizer_options(self) -> dict:
-        """The ZOOptimizer arguments that compose the method from its parts."""
-        kernel, dizo = self._options("kernel_"), self._options("dizo_")
-        options: dict = {"update": self.update, "clip_norm": self.clip_norm,
-                         "direction": self.make_direction()}
-        if self.estimator == "kernel" or kernel:
-            if self.estimator == "spsa":
-                raise ZotuneError("--estimator spsa conflicts with --kernel-* options")
-            options["kernel"] = kernel
-        elif self.estimator == "spsa":
-            from .estimators import SPSA
-            options["estimator"] = SPSA(self.eps, self.num_probes or 1, self.one_sided)
-        if self.projection == "none":
-            options["projection"] = False
-        elif self.projection is not None or dizo:
-            if self.projection is not None:
-                dizo["search"] = "fo" if self.projection == "dizo-fo" else "zo"
-            options["projection"] = dizo
-        return options
-
-    def _options(self, prefix: str) -> dict:
-        """The settings ``prefix*`` that are set, by their names without the prefix."""
-        return {k[len(prefix):]: v for k, v in dataclasses.asdict(self).items()
-                if k.startswith(prefix) and v is not None}
-
-    def direction_name(self) -> str:
-        """The direction in use: ``direction`` if set, else the method's own (MeZO's Gaussian
-        for most methods, PeZO's pool for ``pezo``)."""
-        from .optim import METHODS
-
-        return self.direction or METHODS.get(self.method, {}).get("direction", "gaussian")
-
-    def make_direction(self):
-        """The direction with its options (``pool_size``, ``pezo_*``; 0 bits = float uniform)."""
-        from .directions import DIRECTIONS
-
-        name = self.direction_name()
-        options = self._options("pezo_")
-        if options.get("bits") == 0:
-            options["bits"] = None
-        if self.pool_size is not None:
-            options["pool_size"] = self.pool_size
-        cls = DIRECTIONS[name]
-        accepted = set(inspect.signature(cls).parameters)
-        wrong = sorted(set(options) - accepted)
-        if wrong:
-            ours = {f.name[len("pezo_"):] for f in dataclasses.fields(self) if f.name.startswith("pezo_")}
-            valid = sorted(accepted & (ours | {"pool_size"}))
-            raise ZotuneError(f"{', '.join(map(_direction_flag, wrong))} not for the {name!r} direction; "
-                              f"it takes: {', '.join(map(_direction_flag, valid)) or 'no options'}")
-        try:
-            return cls(**options)
-        except ValueError as err:
-            raise ZotuneError(f"direction {name!r}: {err}") from None
-
-    def resolved(self) -> "TrainConfig":
-        """A copy with lr and eps filled in from the trainable scheme, validated."""
-        cfg = dataclasses.replace(self)
-        if cfg.lr is None:
-            cfg.lr = DEFAULT_LR.get(cfg.trainable, 1e-6)
-        if cfg.eps is None:
-            cfg.eps = DEFAULT_EPS.get(cfg.trainable, 1e-3)
-        cfg.validate()
-        return cfg
-
-    def validate(self) -> None:
-        def choice(name, valid):
-            if getattr(self, name) not in valid:
-                raise ZotuneError(f"unknown {name} {getattr(self, name)!r}; valid: {', '.join(valid)}")
-        choice("method", list(METHODS))
-        if self.direction is not None:
-            choice("direction", sorted(DIRECTIONS))
-        choice("trainable", TRAINABLE)
-        choice("objective", OBJECTIVES)
-        choice("schedule", SCHEDULES)
-        choice("dtype", list(DTYPES))
-        if self.estimator is not None:
-            choice("estimator", ESTIMATORS)
-        if self.projection is not None:
-            choice("projection", PROJECTIONS)
-        if self.update is not None:
-            from .updates import UPDATES
-            choice("update", list(UPDATES))
-        if self.num_probes is not None and not (isinstance(self.num_probes, int) and self.num_probes >= 1):
-            raise ZotuneError(f"num_probes must be an integer >= 1, got {self.num_probes!r}")
-        for name in ("steps", "batch_size", "eval_every", "log_every", "eval_batch_size",
-                     "num_train", "num_test", "max_length"):
-            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
-                raise ZotuneError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
-        if self.lr is not None and not self.lr >= 0:
-            raise ZotuneError(f"lr must be >= 0, got {self.lr}")
-        if self.eps is not None and not self.eps > 0:
-            raise ZotuneError(f"eps must be > 0, got {self.eps}")
-        if self.weight_decay < 0:
-            raise ZotuneError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if self.max_time is not None and self.max_time <= 0:
-            raise ZotuneError(f"max_time must be > 0 seconds, got {self.max_time}")
-        if self.schedule != "constant" and self.warmup_steps >= self.steps:
-            raise ZotuneError(f"warmup_steps ({self.warmup_steps}) must be < steps ({self.steps})")
 
 
 def load_task(cfg: TrainConfig):
     from .tasks import get_task, load_custom_task
-    return load_custom_task(cfg.task_file) if cfg.task_file else get_task(cfg.task)
+    return load_custom_task(cfg.data.task_file) if cfg.data.task_file else get_task(cfg.data.task)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -241,18 +59,19 @@ def build(cfg: TrainConfig, task):
     from .models import load_model, select_trainable, trainable_parameters
     from .objectives import CandidateScorer
 
-    model, tokenizer = load_model(cfg.model, dtype=DTYPES[cfg.dtype])
-    model.to(resolve_device(cfg.device))
-    model = select_trainable(model, cfg.trainable, pattern=cfg.pattern, lora_r=cfg.lora_r,
-                             lora_alpha=cfg.lora_alpha, prefix_tokens=cfg.prefix_tokens, seed=cfg.seed)
+    m = cfg.model
+    model, tokenizer = load_model(m.name, dtype=DTYPES[m.dtype])
+    model.to(resolve_device(m.device))
+    model = select_trainable(model, m.trainable, pattern=m.pattern, lora_r=m.lora_r,
+                             lora_alpha=m.lora_alpha, prefix_tokens=m.prefix_tokens, seed=cfg.run.seed)
     model.eval()
-    scorer = CandidateScorer(model, tokenizer, max_length=cfg.max_length)
+    scorer = CandidateScorer(model, tokenizer, max_length=m.max_length)
     return model, tokenizer, scorer, dict(trainable_parameters(model))
 
 
 def objective_fn(cfg: TrainConfig, task, scorer):
     """The training loss of a batch of Examples."""
-    kind = task.train_objective if cfg.objective == "auto" else cfg.objective
+    kind = task.train_objective if cfg.data.objective == "auto" else cfg.data.objective
     if kind == "classification":
         return scorer.classification_loss
     if kind == "answer_lm":
@@ -335,43 +154,44 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
     from tqdm.auto import tqdm
 
     cfg = cfg.resolved()
+    d, method, r = cfg.data, cfg.method, cfg.run
     if not progress:
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()
-    out = Path(cfg.output_dir)
+    out = Path(r.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     previous = checkpoint.latest(out)
     if resume:
         if previous is None:
             raise ZotuneError(f"--resume: no checkpoint in {out}/checkpoints; nothing to resume")
-        saved = json.loads((out / "config.json").read_text())
-        changed = [k for k in RESUME_KEYS if saved.get(k) != getattr(cfg, k)]
+        saved = out / "config.json"  # nested, or flat as older runs wrote it
+        saved_cfg = TrainConfig.from_dict(json.loads(saved.read_text()), source=str(saved))
+        changed = resume_conflicts(saved_cfg, cfg)
         if changed:
             raise checkpoint.CheckpointError(
-                f"cannot resume {out}: it was started with different settings: " + ", ".join(
-                    f"{k}={saved.get(k)!r} (now {getattr(cfg, k)!r})" for k in changed))
+                f"cannot resume {out}: it was started with different settings: " + "; ".join(changed))
     elif previous is not None:
         raise ZotuneError(f"{out} already holds a run ({previous.name}); pass --resume to continue "
                           "it or choose another --output-dir")
-    _write_json(out / "config.json", dataclasses.asdict(cfg))
+    _write_json(out / "config.json", cfg.to_dict())
 
     task = load_task(cfg)
-    data = task.load(cfg.data_dir, num_train=cfg.num_train, num_dev=cfg.num_dev,
-                     num_test=cfg.num_test, seed=cfg.data_seed)
-    dev = data.dev[: cfg.eval_dev] if cfg.eval_dev else data.dev
+    data = task.load(d.data_dir, num_train=d.num_train, num_dev=d.num_dev, num_test=d.num_test,
+                     seed=d.data_seed)
+    dev = data.dev[: d.eval_dev] if d.eval_dev else data.dev
     model, _, scorer, params = build(cfg, task)
     loss_of = objective_fn(cfg, task, scorer)
     try:
-        opt = ZOOptimizer(list(params.items()), lr=cfg.lr, eps=cfg.eps, method=cfg.method,
-                          seed=cfg.seed, num_probes=cfg.num_probes,
-                          one_sided=cfg.one_sided, weight_decay=cfg.weight_decay,
-                          schedule=cfg.schedule, warmup_steps=cfg.warmup_steps,
-                          total_steps=cfg.steps, defer_update=cfg.defer_update,
-                          **cfg.optimizer_options())
+        opt = ZOOptimizer(list(params.items()), lr=method.lr, eps=method.eps, method=method.name,
+                          seed=r.seed, num_probes=method.num_probes,
+                          one_sided=method.one_sided, weight_decay=method.weight_decay,
+                          schedule=method.schedule, warmup_steps=method.warmup_steps,
+                          total_steps=r.steps, defer_update=cfg.engine.defer_update,
+                          **method.optimizer_options())
     except ValueError as err:
-        raise ZotuneError(f"method {cfg.method!r}: {err}") from None
+        raise ZotuneError(f"method {method.name!r}: {err}") from None
     if opt.projection is not None:  # the projection search draws its own batches
-        search = BatchSampler(len(data.train), cfg.batch_size, rng.mix(cfg.seed, 0x53454152))
+        search = BatchSampler(len(data.train), d.batch_size, rng.mix(r.seed, 0x53454152))
         iterations = opt.projection.iterations
         opt.search_closures = lambda step, j: (
             lambda b=[data.train[i] for i in search.indices(step * iterations + j)]: loss_of(b))
@@ -386,16 +206,16 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
         metrics_path.write_text("")
         for note in data.notes:
             print(f"note: {note}")
-        state.zero_shot = {"dev": evaluate(scorer, task, dev, cfg.eval_batch_size),
-                           "test": evaluate(scorer, task, data.test, cfg.eval_batch_size)}
+        state.zero_shot = {"dev": evaluate(scorer, task, dev, d.eval_batch_size),
+                           "test": evaluate(scorer, task, data.test, d.eval_batch_size)}
         _log(metrics_path, {"step": 0, "dev": state.zero_shot["dev"], "test": state.zero_shot["test"],
                             "zero_shot": True})
 
-    sampler = BatchSampler(len(data.train), cfg.batch_size, cfg.seed)
+    sampler = BatchSampler(len(data.train), d.batch_size, r.seed)
     start_time = time.perf_counter() - state.wall_time
     window: list[float] = []
     status = "completed"
-    bar = tqdm(total=cfg.steps, initial=state.step, disable=not progress, desc=f"{task.name} {cfg.method}",
+    bar = tqdm(total=r.steps, initial=state.step, disable=not progress, desc=f"{task.name} {method.name}",
                dynamic_ncols=True)
 
     def save_checkpoint():
@@ -405,13 +225,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
         checkpoint.save(out, state.step, params, dataclasses.asdict(state), opt.state_dict())
 
     try:
-        while state.step < cfg.steps:
+        while state.step < r.steps:
             batch = [data.train[i] for i in sampler.indices(state.step)]
             loss = opt.step(lambda: loss_of(batch))
             state.step += 1
             window.append(loss)
             bar.update(1)
-            if state.step % cfg.log_every == 0 or state.step == cfg.steps:
+            if state.step % r.log_every == 0 or state.step == r.steps:
                 finite = [v for v in window if math.isfinite(v)]
                 _log(metrics_path, {"step": state.step, "loss": sum(finite) / max(1, len(finite)),
                                     "lr": opt.current_lr(), "elapsed": time.perf_counter() - start_time,
@@ -419,15 +239,15 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
                                     "skipped_steps": opt.skipped_steps})
                 bar.set_postfix(loss=f"{window[-1]:.4f}", dev=state.last_dev)
                 window = []
-            if state.step % cfg.eval_every == 0 or state.step == cfg.steps:
+            if state.step % r.eval_every == 0 or state.step == r.steps:
                 opt.flush()
-                state.last_dev = evaluate(scorer, task, dev, cfg.eval_batch_size)
+                state.last_dev = evaluate(scorer, task, dev, d.eval_batch_size)
                 _log(metrics_path, {"step": state.step, "dev": state.last_dev})
                 if state.best_dev is None or state.last_dev > state.best_dev:
                     state.best_dev, state.best_step = state.last_dev, state.step
                     checkpoint.save_best(out, params, {"step": state.step, "dev": state.last_dev})
                 save_checkpoint()
-            if cfg.max_time and time.perf_counter() - start_time > cfg.max_time:
+            if r.max_time and time.perf_counter() - start_time > r.max_time:
                 status = "max_time"
                 save_checkpoint()
                 break
@@ -449,10 +269,11 @@ def _finish(out, cfg, state, opt, task, scorer, data, params, start_time, status
     test = None
     if final_eval and (out / "best").exists():
         checkpoint.load(out / "best", params)
-        test = evaluate(scorer, task, data.test, cfg.eval_batch_size)
+        test = evaluate(scorer, task, data.test, cfg.data.eval_batch_size)
         _log(out / "metrics.jsonl", {"step": state.best_step, "test": test, "best_dev_checkpoint": True})
-    summary = {"task": task.name, "model": cfg.model, "method": cfg.method, "direction": opt.direction.name,
-               "trainable": cfg.trainable, "metric": task.metric, "status": status,
+    summary = {"task": task.name, "model": cfg.model.name, "method": cfg.method.name,
+               "direction": opt.direction.name, "trainable": cfg.model.trainable,
+               "metric": task.metric, "status": status,
                "zero_shot": state.zero_shot, "best_dev": state.best_dev, "best_step": state.best_step,
                "final_dev": state.last_dev, "test": test, "steps": state.step,
                "wall_time_s": state.wall_time, "forward_passes": opt.forward_passes,
@@ -460,7 +281,8 @@ def _finish(out, cfg, state, opt, task, scorer, data, params, start_time, status
                "train_examples": len(data.train), "dev_examples": len(data.dev),
                "test_examples": len(data.test), "notes": data.notes}
     _write_json(out / "summary.json", summary)
-    plot_curves(out / "metrics.jsonl", out / "curves.png", title=f"{task.name} / {cfg.model} / {cfg.method}")
+    plot_curves(out / "metrics.jsonl", out / "curves.png",
+                title=f"{task.name} / {cfg.model.name} / {cfg.method.name}")
     return summary
 
 

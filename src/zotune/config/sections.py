@@ -1,0 +1,370 @@
+"""The settings of a run: one dataclass per component of the recipe.
+
+    TrainConfig
+      model:  ModelConfig    the model and which of its parameters train
+      data:   DataConfig     task, data protocol, batches, evaluation sets
+      method: MethodConfig   the ZO method and its parts, with three option families:
+                kernel: KernelOptions   KerZOO's kernel-weighted estimator
+                dizo:   DiZOOptions     DiZO's layer-wise projection
+                pezo:   PeZOOptions     options of the direction (PeZO's pool and bank, pooled)
+      engine: EngineConfig   how a step sweeps the parameters
+      run:    RunConfig      length, seed, output directory, logging and evaluation cadence
+
+Every field is declared with :func:`setting`: its default, a help text (the flag's), whether it
+may change when a run is resumed (``FIXED``, ``FREE`` or a check), and its flat name where that is
+not the usual one. Flat names are the keys and flags of the former flat TrainConfig (``lr``,
+``kernel_order``, ``--dizo-interval``); :mod:`zotune.config.keys` derives them from these fields.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import inspect
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from ..errors import ZotuneError
+
+DTYPES = ("float32", "bfloat16", "float16")
+OBJECTIVES = ("auto", "classification", "answer_lm", "accuracy", "f1")
+TRAINABLE = ("full", "lora", "prefix", "pattern")
+ESTIMATORS = ("spsa", "kernel")
+PROJECTIONS = ("none", "dizo", "dizo-fo")
+# MeZO's per-scheme defaults (research/mezo_zobench.md, section 3.1): lr and eps.
+DEFAULT_LR = {"full": 1e-6, "lora": 1e-4, "prefix": 1e-2, "pattern": 1e-6}
+DEFAULT_EPS = {"full": 1e-3, "lora": 1e-2, "prefix": 1e-1, "pattern": 1e-3}
+
+FIXED = "fixed"
+"""The setting changes what the run computes: a resumed run must keep it."""
+FREE = "free"
+"""The setting changes where or how often things are written, not the trajectory."""
+
+
+def setting(default, help: str, *, resume=FIXED, flat: str | None = None):
+    """A config field: ``default``; ``help`` (the flag's help text); ``resume``: ``FIXED`` (may
+    not change on resume; the default, so that a new field is safe until declared otherwise),
+    ``FREE``, or ``check(saved, new) -> reason or None`` for a field that may change only in some
+    runs; ``flat``: its flat name, when not the family prefix + the field name."""
+    metadata = {"help": help, "resume": resume}
+    if flat is not None:
+        metadata["flat"] = flat
+    return field(default=default, metadata=metadata)
+
+
+def component(cls):
+    """``dataclass``, whose constructor reports an unknown keyword like an unknown YAML key."""
+    cls = dataclass(cls)
+    init, names = cls.__init__, {f.name for f in dataclasses.fields(cls)}
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        unknown = [k for k in kwargs if k not in names]
+        if unknown:
+            from .keys import unknown_message
+            raise ZotuneError(unknown_message(cls, unknown[0], f"the arguments of {cls.__name__}",
+                                              flat_ok=False))
+        init(self, *args, **kwargs)
+
+    cls.__init__ = __init__
+    return cls
+
+
+def _set_options(family) -> dict:
+    """The options of a family that are set (not None), by field name."""
+    return {k: v for k, v in dataclasses.asdict(family).items() if v is not None}
+
+
+def _steps_on_resume(saved, new) -> str | None:
+    """``steps`` may change on resume (``--steps 2000 --resume``) only with a constant schedule:
+    for ``linear`` and ``cosine`` it is the decay horizon, so every later learning rate depends
+    on it."""
+    schedule = saved.method.schedule if saved.method.schedule != "constant" else new.method.schedule
+    if schedule == "constant":
+        return None
+    return (f"with the {schedule!r} schedule steps is the horizon the learning rate decays over, so "
+            f"changing it changes every learning rate after step {saved.method.warmup_steps} and "
+            f"the resumed run would not continue the saved one; resume with --steps "
+            f"{saved.run.steps} or start a new run")
+
+
+# ------------------------------------------------------------------------------------ sections
+@component
+class ModelConfig:
+    """The model, where it runs, and which of its parameters train."""
+
+    flat_prefix: ClassVar[str] = ""
+    name: str = setting("smollm2-135m", "embedded model name, local directory or Hugging Face id",
+                        flat="model")
+    dtype: str = setting("float32", "parameter dtype (bf16/fp16 keep an fp32 master copy)")
+    device: str = setting("auto", "auto (GPU if available), cpu, cuda or cuda:N", resume=FREE)
+    trainable: str = setting("full", "which parameters to train")
+    pattern: str | None = setting(None, "regex of parameter names (--trainable pattern)")
+    lora_r: int = setting(8, "LoRA rank (--trainable lora)")
+    lora_alpha: int = setting(16, "LoRA alpha (--trainable lora)")
+    prefix_tokens: int = setting(5, "prefix length in tokens (--trainable prefix)")
+    max_length: int = setting(2048, "longest sequence in tokens (longer prompts are truncated)")
+
+
+@component
+class DataConfig:
+    """The task, MeZO's data protocol, the batches and the evaluation sets."""
+
+    flat_prefix: ClassVar[str] = ""
+    task: str = setting("sst2", "task name (see `zotune list`)")
+    task_file: str | None = setting(None, "custom task spec (YAML/JSON) instead of --task")
+    data_dir: str | None = setting(None, "GLUE/SuperGLUE files in their official layout "
+                                   "(default: $ZOTUNE_DATA)", resume=FREE)
+    num_train: int = setting(1000, "training examples (MeZO's protocol)")
+    num_dev: int | None = setting(None, "dev examples (default: the task's own)")
+    num_test: int = setting(1000, "test examples", resume=FREE)
+    data_seed: int = setting(0, "seed of MeZO's data sampling")
+    batch_size: int = setting(16, "examples per step")
+    objective: str = setting("auto", "training loss; auto = the task's own")
+    eval_dev: int | None = setting(None, "evaluate on only the first N dev examples during training",
+                                   resume=FREE)
+    eval_batch_size: int = setting(32, "examples per evaluation forward pass", resume=FREE)
+
+
+@component
+class KernelOptions:
+    """KerZOO's kernel-weighted estimator; any option set turns the method's estimator into it."""
+
+    flat_prefix: ClassVar[str] = "kernel_"
+    order: int | None = setting(None, "KerZOO kernel order: 1, 3 or 5")
+    schedule: str | None = setting(None, "constant, linear or harmonic")
+    r_sharing: str | None = setting(None, "probe (paper) or tensor (code)")
+    normalization: str | None = setting(None, "paper or code")
+    s0: float | None = setting(None, "initial half-width of r's interval")
+    shrink_steps: int | None = setting(None, "steps of the linear shrink")
+
+
+@component
+class DiZOOptions:
+    """DiZO's layer-wise projection; any option set turns it on (ZO search unless --projection)."""
+
+    flat_prefix: ClassVar[str] = "dizo_"
+    interval: int | None = setting(None, "DiZO: steps between projections")
+    iterations: int | None = setting(None, "DiZO: search iterations")
+    eps: float | None = setting(None, "DiZO: perturbation of the per-layer norms")
+    step_size: float | None = setting(None, "DiZO: search step size")
+    clip: float | None = setting(None, "DiZO: ratio range 1 +- clip")
+    pattern: str | None = setting(None, "DiZO: regex of projected tensors")
+
+
+@component
+class PeZOOptions:
+    """Options of the direction: PeZO's pool and bank, and the pool size of ``pooled``."""
+
+    flat_prefix: ClassVar[str] = "pezo_"
+    pool_size: int | None = setting(None, "numbers in the pool of pooled/pezo-pool directions",
+                                    flat="pool_size")
+    bits: int | None = setting(None, "PeZO: bits of the uniform numbers, 1-16 (0: float)")
+    scaling: str | None = setting(None, "PeZO: norm_per_tensor, norm_global, static or none "
+                                  "(the bank: static or none)")
+    pow2: bool | None = setting(None, "PeZO: round the scale to a power of two")
+    decorrelate_copies: bool | None = setting(None, "PeZO pool: shift each copy of the pool per "
+                                              "probe (not in the paper)")
+    lanes: int | None = setting(None, "PeZO bank: generators")
+    reuse: int | None = setting(None, "PeZO bank: numbers reused per cycle")
+
+
+@component
+class MethodConfig:
+    """The ZO method: a preset (``name``) and every part that overrides it (None keeps the
+    preset's): estimator, direction, update rule, projection, and their option families."""
+
+    flat_prefix: ClassVar[str] = ""
+    name: str = setting("mezo", "ZO method", flat="method")
+    lr: float | None = setting(None, "learning rate (default by scheme)")
+    eps: float | None = setting(None, "perturbation scale (default by scheme)")
+    num_probes: int | None = setting(None, "directions per step (n-SPSA)")
+    one_sided: bool = setting(False, "forward differences against the unperturbed loss")
+    weight_decay: float = setting(0.0, "decoupled weight decay (not on biases and norms)")
+    schedule: str = setting("constant", "learning-rate schedule: constant, linear or cosine")
+    warmup_steps: int = setting(0, "steps of linear learning-rate warm-up")
+    estimator: str | None = setting(None, "override the method's estimator: spsa or kernel (KerZOO)")
+    update: str | None = setting(None, "override the method's update rule: sgd, momentum, adam, "
+                                 "sign or agd")
+    projection: str | None = setting(None, "override the method's projection: none, dizo or dizo-fo")
+    clip_norm: float | None = setting(None, "per-tensor norm clip of the ZO gradient")
+    direction: str | None = setting(None, "random direction distribution (default: the method's own)")
+    kernel: KernelOptions = field(default_factory=KernelOptions)
+    dizo: DiZOOptions = field(default_factory=DiZOOptions)
+    pezo: PeZOOptions = field(default_factory=PeZOOptions)
+
+    def optimizer_options(self) -> dict:
+        """The ZOOptimizer arguments that compose the method from its parts."""
+        kernel, dizo = _set_options(self.kernel), _set_options(self.dizo)
+        options: dict = {"update": self.update, "clip_norm": self.clip_norm,
+                         "direction": self.make_direction()}
+        if self.estimator == "kernel" or kernel:
+            if self.estimator == "spsa":
+                raise ZotuneError("--estimator spsa conflicts with --kernel-* options")
+            options["kernel"] = kernel
+        elif self.estimator == "spsa":
+            from ..estimators import SPSA
+            options["estimator"] = SPSA(self.eps, self.num_probes or 1, self.one_sided)
+        if self.projection == "none":
+            options["projection"] = False
+        elif self.projection is not None or dizo:
+            if self.projection is not None:
+                dizo["search"] = "fo" if self.projection == "dizo-fo" else "zo"
+            options["projection"] = dizo
+        return options
+
+    def direction_name(self) -> str:
+        """The direction in use: ``direction`` if set, else the method's own (MeZO's Gaussian
+        for most methods, PeZO's pool for ``pezo``)."""
+        from ..optim import METHODS
+
+        return self.direction or METHODS.get(self.name, {}).get("direction", "gaussian")
+
+    def make_direction(self):
+        """The direction with its options (``pool_size``, ``pezo_*``; 0 bits = float uniform)."""
+        from ..directions import DIRECTIONS
+        from .keys import flag_of
+
+        name = self.direction_name()
+        options = _set_options(self.pezo)
+        if options.get("bits") == 0:
+            options["bits"] = None
+        cls = DIRECTIONS[name]
+        accepted = set(inspect.signature(cls).parameters)
+        wrong = sorted(set(options) - accepted)
+        if wrong:
+            ours = {f.name for f in dataclasses.fields(PeZOOptions)}
+            valid = sorted(accepted & ours)
+            flag = lambda option: flag_of(("method", "pezo", option))  # noqa: E731
+            raise ZotuneError(f"{', '.join(map(flag, wrong))} not for the {name!r} direction; "
+                              f"it takes: {', '.join(map(flag, valid)) or 'no options'}")
+        try:
+            return cls(**options)
+        except ValueError as err:
+            raise ZotuneError(f"direction {name!r}: {err}") from None
+
+
+@component
+class EngineConfig:
+    """How a step sweeps the parameters (the place for chunk size and threads)."""
+
+    flat_prefix: ClassVar[str] = ""
+    # Deferred and immediate updates give bitwise equal parameters (tests/test_conformance.py),
+    # so a resumed run may switch.
+    defer_update: bool = setting(True, "fuse each update into the next perturbation "
+                                 "(2 parameter sweeps per step)", resume=FREE)
+
+
+@component
+class RunConfig:
+    """How long the run is, its seed, where it writes, and how often it logs and evaluates."""
+
+    flat_prefix: ClassVar[str] = ""
+    steps: int = setting(1000, "training steps", resume=_steps_on_resume)
+    seed: int = setting(0, "run seed (directions and batch order)")
+    output_dir: str = setting("runs/zotune", "run directory", resume=FREE)
+    log_every: int = setting(10, "log interval (steps)", resume=FREE)
+    eval_every: int = setting(100, "dev evaluation interval (steps)", resume=FREE)
+    max_time: float | None = setting(None, "stop (with a checkpoint) after this many seconds",
+                                     resume=FREE)
+
+
+@component
+class TrainConfig:
+    """Every setting of a run, one section per component. Build it nested
+    (``TrainConfig(method=MethodConfig(lr=1e-5))``), from flat names
+    (``TrainConfig.from_flat(lr=1e-5, kernel_order=3)``), or from a mapping of either
+    (``TrainConfig.from_dict``: YAML files, saved config.json files of any version)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    @classmethod
+    def from_dict(cls, mapping, *, source: str = "the settings") -> "TrainConfig":
+        """A config from nested sections (``{method: {lr: 1e-5, kernel: {order: 3}}}``), flat
+        names (``{lr: 1e-5, kernel_order: 3}``) or both; ``source`` names it in errors."""
+        from .keys import apply
+
+        return apply(cls(), mapping, source)
+
+    @classmethod
+    def from_flat(cls, **settings) -> "TrainConfig":
+        """A config from the former flat TrainConfig's keyword arguments:
+        ``TrainConfig.from_flat(task="rte", lr=1e-5, kernel_order=3)``."""
+        return cls.from_dict(settings, source="the arguments of TrainConfig.from_flat")
+
+    def updated(self, mapping, *, source: str = "the settings") -> "TrainConfig":
+        """A copy with the settings of ``mapping`` (nested or flat, as ``from_dict``) replaced."""
+        from .keys import apply
+
+        return apply(copy.deepcopy(self), mapping, source)
+
+    def to_dict(self) -> dict:
+        """The nested settings (what config.json holds)."""
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict:
+        """The settings by flat name: ``{"model": ..., "lr": ..., "kernel_order": ...}``."""
+        from .keys import LEAVES
+
+        return {leaf.flat: leaf.get(self) for leaf in LEAVES}
+
+    def resolved(self) -> "TrainConfig":
+        """A copy with lr and eps filled in from the trainable scheme, validated."""
+        cfg = copy.deepcopy(self)
+        scheme = cfg.model.trainable
+        if cfg.method.lr is None:
+            cfg.method.lr = DEFAULT_LR.get(scheme, 1e-6)
+        if cfg.method.eps is None:
+            cfg.method.eps = DEFAULT_EPS.get(scheme, 1e-3)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        """Raise ZotuneError naming the first bad value and the valid choices."""
+        from ..directions import DIRECTIONS
+        from ..optim import METHODS
+        from ..updates import SCHEDULES, UPDATES
+
+        model, data, method, run = self.model, self.data, self.method, self.run
+
+        def choice(name, value, valid):
+            if value not in valid:
+                raise ZotuneError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
+
+        choice("method", method.name, list(METHODS))
+        for name, value, valid in (("direction", method.direction, sorted(DIRECTIONS)),
+                                   ("estimator", method.estimator, ESTIMATORS),
+                                   ("projection", method.projection, PROJECTIONS),
+                                   ("update", method.update, list(UPDATES))):
+            if value is not None:
+                choice(name, value, valid)
+        choice("trainable", model.trainable, TRAINABLE)
+        choice("objective", data.objective, OBJECTIVES)
+        choice("schedule", method.schedule, SCHEDULES)
+        choice("dtype", model.dtype, DTYPES)
+        if method.num_probes is not None and not _positive_int(method.num_probes):
+            raise ZotuneError(f"num_probes must be an integer >= 1, got {method.num_probes!r}")
+        for name, value in (("steps", run.steps), ("batch_size", data.batch_size),
+                            ("eval_every", run.eval_every), ("log_every", run.log_every),
+                            ("eval_batch_size", data.eval_batch_size), ("num_train", data.num_train),
+                            ("num_test", data.num_test), ("max_length", model.max_length)):
+            if not _positive_int(value):
+                raise ZotuneError(f"{name} must be an integer >= 1, got {value!r}")
+        if method.lr is not None and not method.lr >= 0:
+            raise ZotuneError(f"lr must be >= 0, got {method.lr}")
+        if method.eps is not None and not method.eps > 0:
+            raise ZotuneError(f"eps must be > 0, got {method.eps}")
+        if method.weight_decay < 0:
+            raise ZotuneError(f"weight_decay must be >= 0, got {method.weight_decay}")
+        if run.max_time is not None and run.max_time <= 0:
+            raise ZotuneError(f"max_time must be > 0 seconds, got {run.max_time}")
+        if method.schedule != "constant" and method.warmup_steps >= run.steps:
+            raise ZotuneError(f"warmup_steps ({method.warmup_steps}) must be < steps ({run.steps})")
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
