@@ -52,8 +52,9 @@ def make(name):
 
 
 def _has_dict_coefficient(state) -> bool:
-    zo = state["zo"]
-    terms = list(zo["current"]) + (list(zo["pending"]["terms"]) if zo["pending"] else [])
+    core = state["zo"]["core"]
+    pending = core["pending"]
+    terms = list(core["engine"]["current"]) + (list(pending["terms"]) if pending else [])
     return any(isinstance(c, dict) for _, c in terms)
 
 
@@ -67,7 +68,7 @@ def test_every_optimizer_state_loads_with_weights_only_and_resumes(name, tmp_pat
     if name == "kerzoo-per-tensor-deferred":
         assert _has_dict_coefficient(opt.state_dict())
     if name == "dizo-fo":
-        assert opt.state_dict()["zo"]["projection"]["adam_state"] is not None
+        assert opt.state_dict()["zo"]["core"]["posts"][0]["projection"]["adam_state"] is not None
     torch.load(saved / "optimizer.pt", weights_only=True)  # what checkpoint.load does
     for _ in range(3):
         opt.step(loss)

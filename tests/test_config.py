@@ -1,5 +1,5 @@
 """The config: nested and flat YAML, flags over YAML, unknown keys with suggestions, resume rules
-derived from the fields, and the flat config.json of older runs still loading."""
+derived from the fields, and flat and nested config.json files both loading."""
 import json
 from pathlib import Path
 
@@ -189,20 +189,20 @@ def test_steps_may_not_change_on_resume_with_a_decaying_schedule(tiny_dir, data_
     assert "steps=2 (now 4)" in err and "'cosine'" in err and "horizon" in err and "--steps 2" in err
 
 
-def test_an_old_flat_config_json_still_resumes_and_evaluates(tiny_dir, data_dir, tmp_path, capsys):
+def test_flat_and_nested_config_json_both_resume_and_evaluate(tiny_dir, data_dir, tmp_path, capsys):
     out = tmp_path / "run"
     assert train(tiny_dir, data_dir, out, 2) == 0
-    nested = json.loads((out / "config.json").read_text())
+    flat = json.loads((out / "config.json").read_text())
+    assert set(flat) == set(OLD_FLAT)  # written as zotune 0.1 wrote it: the 59 keys, flat
+    nested = TrainConfig.from_dict(flat).to_dict()
     assert set(nested) == {"model", "data", "method", "engine", "run"}
-    flat = TrainConfig.from_dict(nested).flat()  # what older runs wrote: the 59 keys, flat
-    assert set(flat) == set(OLD_FLAT)
-    (out / "config.json").write_text(json.dumps(flat, indent=1))
+    (out / "config.json").write_text(json.dumps(nested, indent=1))
     capsys.readouterr()
     assert cli.main(["train", "--output-dir", str(out), "--lr", "1e-2", "--resume", "--quiet"]) == 2
     assert "lr=0.001 (now 0.01)" in capsys.readouterr().err
     assert cli.main(["train", "--output-dir", str(out), "--steps", "3", "--resume", "--quiet"]) == 0
     assert json.loads((out / "summary.json").read_text())["steps"] == 3
-    (out / "config.json").write_text(json.dumps(flat, indent=1))
+    (out / "config.json").write_text(json.dumps(nested, indent=1))
     capsys.readouterr()
     assert cli.main(["eval", "--checkpoint", str(out), "--which", "latest"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["examples"] == 4

@@ -164,7 +164,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
     if resume:
         if previous is None:
             raise ZotuneError(f"--resume: no checkpoint in {out}/checkpoints; nothing to resume")
-        saved = out / "config.json"  # nested, or flat as older runs wrote it
+        saved = out / "config.json"  # flat, or nested if a user wrote one
         saved_cfg = TrainConfig.from_dict(json.loads(saved.read_text()), source=str(saved))
         changed = resume_conflicts(saved_cfg, cfg)
         if changed:
@@ -173,7 +173,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
     elif previous is not None:
         raise ZotuneError(f"{out} already holds a run ({previous.name}); pass --resume to continue "
                           "it or choose another --output-dir")
-    _write_json(out / "config.json", cfg.to_dict())
+    # Flat, as zotune 0.1 wrote it (old tools keep reading it); nested YAML is read all the same.
+    _write_json(out / "config.json", cfg.flat())
 
     task = load_task(cfg)
     data = task.load(d.data_dir, num_train=d.num_train, num_dev=d.num_dev, num_test=d.num_test,

@@ -303,7 +303,7 @@ class TrainConfig:
         return apply(copy.deepcopy(self), mapping, source)
 
     def to_dict(self) -> dict:
-        """The nested settings (what config.json holds)."""
+        """The nested settings (the layout of a nested YAML file)."""
         return dataclasses.asdict(self)
 
     def flat(self) -> dict:
