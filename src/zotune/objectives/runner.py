@@ -190,7 +190,8 @@ class ModelRunner:
         """Within the ``with`` block, record the input of block ``block`` at every model call
         (one :class:`BlockInput` per call, so per length bucket). Yields the list it fills.
 
-        A forward pre-hook on the block keeps a reference to its input; no copy is made."""
+        A forward pre-hook on the block keeps a reference to its input; no copy is made. Blocks
+        that :meth:`forward_from` skips record nothing; a block it restarts at records ``hidden``."""
         seen: list[torch.Tensor] = []
         records: list[BlockInput] = []
 
