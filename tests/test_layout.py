@@ -133,3 +133,19 @@ def test_an_eps_below_every_tensors_ulp_is_an_error():
         model.weight.fill_(1.0), model.bias.fill_(1.0)
     with pytest.raises(ValueError, match="every trainable bfloat16 tensor round away"):
         zotune.ZOOptimizer(model.named_parameters(), eps=1e-4)
+
+
+def test_block_table_decides_weight_decay_and_dizo_targets_when_the_model_is_given():
+    from zotune.models import select_trainable, tiny_model
+
+    seq = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    by_name = zotune.ZOOptimizer(seq.named_parameters())
+    by_table = zotune.ZOOptimizer(seq.named_parameters(), model=seq)
+    assert [t.decays for t in by_name.engine.layout] == [True, False, True, False]  # "1.weight": a name
+    assert [t.decays for t in by_table.engine.layout] == [True, False, False, False]  # the table: a norm
+    model = select_trainable(tiny_model("gpt2")[0], "full")
+    with_table = zotune.ZOOptimizer(model.named_parameters(), method="dizo", model=model)
+    without = zotune.ZOOptimizer(model.named_parameters(), method="dizo")
+    assert with_table.engine.layout.blocks is not None and without.engine.layout.blocks is None
+    assert with_table.projection.targets == without.projection.targets
+    assert [t.dim for t in with_table.projection.targets[:2]] == [1, 1]  # k and v slices of c_attn

@@ -29,15 +29,22 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.", "base_model.model.")
 (``base_model.model.``); stripped, repeatedly, from the front of a name."""
 
 
-def canonical_name(name: str) -> str:
-    """``name`` without the wrapper prefixes of DDP, ``torch.compile`` and PEFT."""
+def strip_prefixes(name: str, prefixes=WRAPPER_PREFIXES) -> str:
+    """``name`` with any of ``prefixes`` removed from its front, repeatedly."""
+    prefixes = tuple(prefixes)
     changed = True
     while changed:
         changed = False
-        for prefix in WRAPPER_PREFIXES:
+        for prefix in prefixes:
             if name.startswith(prefix):
                 name, changed = name[len(prefix):], True
     return name
+
+
+def canonical_name(name: str) -> str:
+    """``name`` without the wrapper prefixes of DDP, ``torch.compile`` and PEFT (by name; see
+    ``zotune.models.canonical_name`` for prompt-learning PEFT models, which need the model)."""
+    return strip_prefixes(name)
 
 
 @dataclass
@@ -85,12 +92,16 @@ class ParamLayout:
         direction: the direction's registry name (recorded; directions differ in their numbers).
         rng_device: the device random numbers are drawn on (``cpu`` or ``cuda``): CPU and CUDA
             generators give different numbers for one key, so it is fixed per run and recorded.
+        blocks: the model's block table, if known.
     """
 
     tensors: list[TensorSpec]
     chunk_size: int
     direction: str = "gaussian"
     rng_device: str = "cpu"
+    blocks: object = None
+    """The model's block table (``zotune.models.block_table``) when the model is known: DiZO's
+    targets and the weight-decay rule read it; later the offload, feature reuse and ElasticZO split."""
     _by_name: dict[str, TensorSpec] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:

@@ -55,7 +55,7 @@ differences measure nothing and its update would be a random walk (docs/design.m
 OPTIONS = ("seed", "direction", "num_probes", "one_sided", "momentum", "betas", "adam_eps", "schedule",
            "warmup_steps", "total_steps", "defer_update", "estimator", "update", "kernel", "projection",
            "clip_norm", "transforms", "chunk_size", "master_weights", "threads", "engine", "rng_device",
-           "low_precision_probes", "coupled_decay")
+           "low_precision_probes", "coupled_decay", "model")
 
 
 def decays(name: str, param, named: bool) -> bool:
@@ -144,9 +144,10 @@ def build(entries, *, eps: float, method: str, group_lrs, group_weight_decays, s
           total_steps=None, defer_update: bool = False, estimator=None, update=None, kernel=None,
           projection=None, clip_norm=None, transforms=(), chunk_size: int = rng.DEFAULT_CHUNK_SIZE,
           master_weights="auto", threads=None, engine="in-memory", rng_device=None,
-          low_precision_probes: str = "exclude", coupled_decay: bool = False) -> StepCore:
+          low_precision_probes: str = "exclude", coupled_decay: bool = False, model=None) -> StepCore:
     """Assemble a step core from ``(name, tensor, group, decays)`` entries and the options of
-    :class:`~zotune.optim.ZOOptimizer` (which documents them)."""
+    :class:`~zotune.optim.ZOOptimizer` (which documents them). With ``model``, its block table
+    decides weight decay (norms and biases exempt) and DiZO's attention targets."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
     if low_precision_probes not in LOW_PRECISION_PROBES:
@@ -171,8 +172,16 @@ def build(entries, *, eps: float, method: str, group_lrs, group_weight_decays, s
     engine_cls = ENGINES.get(engine) if isinstance(engine, str) else engine
     if engine_cls is None:
         raise ValueError(f"unknown engine {engine!r}; valid engines: {', '.join(ENGINES)}")
+    table = None
+    if model is not None:
+        from .models import block_table
+
+        table = block_table(model, strict=False)
+    if table is not None:
+        entries = [(e[0], e[1], e[2], not table.no_weight_decay(e[0]), *e[4:]) for e in entries]
     eng = engine_cls(entries, direction, chunk_size=chunk_size, master_weights=master_weights,
                      threads=threads, rng_device=rng_device)
+    eng.layout.blocks = table
     excluded = exclude_unprobed(eng, eps) if low_precision_probes == "exclude" else []
     if excluded:
         warnings.warn(f"{len(excluded)} low-precision tensor(s) are not trained, their probes round "

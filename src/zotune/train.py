@@ -187,10 +187,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
                           seed=r.seed, num_probes=method.num_probes,
                           one_sided=method.one_sided, weight_decay=method.weight_decay,
                           schedule=method.schedule, warmup_steps=method.warmup_steps,
-                          total_steps=r.steps, defer_update=cfg.engine.defer_update,
+                          total_steps=r.steps, defer_update=cfg.engine.defer_update, model=model,
                           **method.optimizer_options())
     except ValueError as err:
         raise ZotuneError(f"method {method.name!r}: {err}") from None
+    scorer.runner.device = opt.engine.device  # the one place the model is called runs where the engine says
+    for name in opt.excluded:
+        print(f"note: {name} is not trained: {opt.engine.layout.spec(name).reason}")
     if opt.projection is not None:  # the projection search draws its own batches
         search = BatchSampler(len(data.train), d.batch_size, rng.mix(r.seed, 0x53454152))
         iterations = opt.projection.iterations

@@ -64,7 +64,7 @@ class ZOTrainer(Trainer):
             named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
             self.optimizer = TrainerZOOptimizer(named, lr=self.args.learning_rate,
                                                 weight_decay=self.args.weight_decay,
-                                                defer_update=False, **self.zo_kwargs)
+                                                defer_update=False, model=model, **self.zo_kwargs)
         return self.optimizer
 
     @property

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from zotune.errors import ZotuneError
+from zotune.layout import canonical_name as layout_canonical_name, strip_prefixes
 
 # Prefixes wrappers put in front of the wrapped model's names (peft's depends on the tuner; see
 # _wrapper_prefixes). Order does not matter: a DDP of a compiled model nests both.
@@ -188,14 +189,7 @@ class BlockTable:
 # ----------------------------------------------------------------------------- wrappers
 
 def _strip(name: str, prefixes: Iterable[str]) -> str:
-    prefixes = tuple(prefixes)
-    stripped = True
-    while stripped:
-        stripped = False
-        for prefix in prefixes:
-            if name.startswith(prefix):
-                name, stripped = name[len(prefix):], True
-    return name
+    return strip_prefixes(name, prefixes)
 
 
 def _unwrap_once(model: nn.Module) -> tuple[nn.Module, str] | None:
@@ -238,7 +232,7 @@ def canonical_name(name: str, model: nn.Module | None = None) -> str:
     ``base_model.`` only; pass ``model`` (or use :meth:`BlockTable.canonical`) to strip exactly
     what that model's wrappers add."""
     if model is None:
-        return _strip(name, (*_RUNTIME_PREFIXES, _PEFT_PREFIX))
+        return layout_canonical_name(name)
     for prefix in _wrapper_prefixes(model)[1]:
         if name.startswith(prefix):
             name = name[len(prefix):]

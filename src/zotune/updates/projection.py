@@ -68,10 +68,11 @@ class Target:
         return full.narrow(self.dim, self.start, self.stop - self.start)
 
 
-def default_targets(names: Sequence[str], shapes: Mapping[str, torch.Size]) -> list[Target]:
+def default_targets(names: Sequence[str], shapes: Mapping[str, torch.Size], table=None) -> list[Target]:
     """DiZO's projected layers, made explicit for every architecture: all LoRA tensors (names with
     ``lora_A``/``lora_B``) if there are any; otherwise the attention key and value weights of every
-    block (``k_proj``/``v_proj`` in Llama, Qwen2, Mistral and OPT; the k and v column blocks of
+    block, from the model's block ``table`` when given (``zotune.models.block_table``), else by
+    name (``k_proj``/``v_proj`` in Llama, Qwen2, Mistral and OPT; the k and v column blocks of
     GPT-2's fused ``c_attn``, a Conv1D weight of shape (d, 3d) = [q | k | v]).
 
     Raises ValueError when nothing matches, rather than silently projecting nothing (which turns
@@ -79,6 +80,10 @@ def default_targets(names: Sequence[str], shapes: Mapping[str, torch.Size]) -> l
     lora = [Target(n) for n in names if "lora_A" in n or "lora_B" in n]
     if lora:
         return lora
+    if table is not None:  # the model's block table knows where its keys and values are
+        targets = [Target(*t) for t in table.kv_targets(names, shapes)]
+        if targets:
+            return targets
     targets = []
     for n in names:
         if n.endswith(("k_proj.weight", "v_proj.weight")):
@@ -179,7 +184,7 @@ class DiZO:
         names = [t.name for t in layout if t.role == "zo"]
         shapes = {t.name: torch.Size(t.shape) for t in layout}
         self.targets = (targets_from_pattern(names, self.pattern) if self.pattern
-                        else default_targets(names, shapes))
+                        else default_targets(names, shapes, layout.blocks))
         where = {t.name: t.index for t in layout}
         self.engine = engine
         self._index = [where[t.name] for t in self.targets]
