@@ -13,3 +13,15 @@ def data_dir() -> Path:
     if not path.is_dir():
         pytest.fail(f"benchmark data not found at {path}; set ZOTUNE_DATA")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A random 2-layer Llama and its tokenizer saved as a local model directory."""
+    from zotune.models import tiny_model
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model, tokenizer = tiny_model("llama", seed=0)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

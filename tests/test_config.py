@@ -161,17 +161,6 @@ def test_zotune_list(capsys):
 
 
 # ----------------------------------------------------------------- end to end, on a tiny Llama
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    from zotune.models import tiny_model
-
-    path = tmp_path_factory.mktemp("tiny-llama")
-    model, tokenizer = tiny_model("llama", seed=0)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 def train(tiny_dir, data_dir, out, steps, *extra):
     return cli.main([str(a) for a in ["train", "--model", tiny_dir, "--task", "sst2", "--data-dir", data_dir,
                                       "--steps", steps, "--eval-every", 2, "--num-train", 8, "--num-dev", 4,

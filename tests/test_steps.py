@@ -1,7 +1,6 @@
 """Ask/tell step programs: the loop of step(), checkpoints between ask and tell, feedback kinds,
 and the review fixes (schedule, zo-cons composition, master copies on load)."""
 import copy
-import math
 
 import pytest
 import torch

@@ -10,17 +10,6 @@ from safetensors.torch import load_file
 from zotune import cli, optim
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    from zotune.models import tiny_model
-
-    path = tmp_path_factory.mktemp("tiny-llama")
-    model, tokenizer = tiny_model("llama", seed=0)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 def run(args, capsys=None) -> int:
     return cli.main([str(a) for a in args])
 

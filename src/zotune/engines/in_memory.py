@@ -36,7 +36,6 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import torch
 
@@ -51,22 +50,23 @@ PARALLEL_MIN_NUMEL = 1 << 22
 """Below this many trainable elements a sweep runs serially: thread hand-off would cost more."""
 
 
-@dataclass
 class _Tensor:
-    spec: TensorSpec
-    param: torch.Tensor
-    master: torch.Tensor | None
+    """One tensor as the sweeps see it: its spec's fixed fields copied to plain attributes (the
+    per-chunk loop reads them thousands of times a step), its role read live from the layout."""
 
-    name = property(lambda self: self.spec.name)
-    tensor_id = property(lambda self: self.spec.tensor_id)
-    group = property(lambda self: self.spec.group)
-    decays = property(lambda self: self.spec.decays)
-    start = property(lambda self: self.spec.start)
-    chunks = property(lambda self: self.spec.chunks)
-    role = property(lambda self: self.spec.role)
+    __slots__ = ("spec", "param", "master", "name", "tensor_id", "group", "decays", "start", "chunks")
+
+    def __init__(self, spec: TensorSpec, param: torch.Tensor, master: torch.Tensor | None) -> None:
+        self.spec, self.param, self.master = spec, param, master
+        self.name, self.tensor_id, self.group = spec.name, spec.tensor_id, spec.group
+        self.decays, self.start, self.chunks = spec.decays, spec.start, spec.chunks
 
     @property
-    def flat(self) -> torch.Tensor:
+    def role(self) -> str:
+        return self.spec.role
+
+    @property
+    def flat(self) -> torch.Tensor:  # not cached: someone may rebind param.data
         return self.param.data.view(-1)
 
 

@@ -39,7 +39,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import rng
 
 SEARCHES = ("zo", "fo")
 FO_INITS = ("norm", "zero")

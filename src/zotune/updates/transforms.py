@@ -26,8 +26,8 @@ def _dense_values(grad: DenseGrad | SparseGrad, engine) -> dict[int, torch.Tenso
         return {t: v for t, (_, v) in grad.entries.items()}
     if grad.tensors is not None:
         return dict(grad.tensors)
-    params = [t.param for t in engine.tensors] if hasattr(engine, "tensors") else engine.params
-    return {i: p.grad for i, p in enumerate(params) if p.grad is not None}
+    params = {t.index: engine.parameter(t.index) for t in engine.layout}
+    return {i: p.grad for i, p in params.items() if p.grad is not None}
 
 
 def _rebuild(grad, values: dict[int, torch.Tensor]):
