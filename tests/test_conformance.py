@@ -14,13 +14,14 @@ import torch
 import zotune
 from zotune.directions import DIRECTIONS, Pooled, make_direction
 from zotune.engines import ENGINES
-from zotune.estimators import SPSA, KernelSPSA
+from zotune.estimators import FZOO, SPSA, KernelSPSA
 
 ESTIMATORS = {"spsa": lambda: SPSA(1e-3), "spsa-2": lambda: SPSA(1e-3, num_probes=2),
               "spsa-one-sided": lambda: SPSA(1e-3, one_sided=True),
               "kernel-3": lambda: KernelSPSA(1e-3, order=3, num_probes=2),
               "kernel-code": lambda: KernelSPSA(1e-3, num_probes=3, schedule="linear", shrink_steps=400,
-                                                r_sharing="tensor", normalization="code")}
+                                                r_sharing="tensor", normalization="code"),
+              "fzoo": lambda: FZOO(1e-3, num_probes=4, std_ddof=0, scale="code")}
 # Step sizes from a sweep over {0.001 ... 0.1}: each gives a worst-case final/initial loss ratio
 # of 0.4-0.55 across all directions and estimators, well inside the 0.7 asserted below.
 LR = {"sgd": 0.03, "momentum": 0.003, "adam": 0.1, "sign": 0.1, "agd": 0.03, "zo-cons": 0.03}
@@ -28,6 +29,9 @@ LR = {"sgd": 0.03, "momentum": 0.003, "adam": 0.1, "sign": 0.1, "agd": 0.03, "zo
 # is no bias to remove, so its rows take smaller steps and more of them (swept the same way:
 # worst final/initial ratio 0.66 at 200 steps).
 LR_KERNEL = {"sgd": 0.01, "momentum": 0.001, "adam": 0.1, "sign": 0.1, "agd": 0.01, "zo-cons": 0.01}
+# FZOO's steps are normalised (length about lr per step whatever the loss scale), so its rows take
+# their own sizes, swept the same way (worst final/initial ratio 0.5 at 60 steps).
+LR_FZOO = {"sgd": 0.05, "momentum": 0.006, "adam": 0.1, "sign": 0.1, "agd": 0.06, "zo-cons": 0.05}
 RULES = ("sgd", "momentum", "adam", "sign", "agd", "zo-cons")
 CASES = list(itertools.product(sorted(DIRECTIONS), ESTIMATORS, RULES))
 # Every preset as shipped, and compositions none of the authors' codebases can run.
@@ -40,7 +44,8 @@ PRESETS.update({
     "pezo-decorrelated+dizo": {"method": "dizo", "direction": "pezo-pool-decorrelated"},
 })
 PRESET_LR = {"zo-momentum": 0.003, "zo-adam": 0.1, "zo-sign": 0.1, "pezo+dizo+adam": 0.1,
-             "kerzoo+pezo-bank+momentum": 0.001}
+             "kerzoo+pezo-bank+momentum": 0.001,
+             "fzoo": 0.03 * 1e-3}  # the paper's form carries 1/eps: the same 0.03 step as fzoo-code
 KERNEL_PRESETS = ("kerzoo", "kerzoo-code", "kerzoo+pooled+dizo", "kerzoo-code+pezo",
                   "kerzoo+pezo-bank+momentum")
 
@@ -69,7 +74,7 @@ def direction_for(name):
 
 def make(direction, estimator, rule, defer=False, engine="in-memory", dtype=torch.float32):
     model, loss = problem(dtype)
-    lr = (LR_KERNEL if estimator.startswith("kernel") else LR)[rule]
+    lr = (LR_KERNEL if estimator.startswith("kernel") else LR_FZOO if estimator == "fzoo" else LR)[rule]
     method = "zo-cons" if rule == "zo-cons" else "mezo"
     opt = zotune.ZOOptimizer(model.named_parameters(), lr=lr, method=method, seed=1,
                              direction=direction_for(direction), estimator=ESTIMATORS[estimator](),

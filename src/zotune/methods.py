@@ -14,7 +14,7 @@ import warnings
 from . import rng
 from .directions import make_direction
 from .engines import ENGINES
-from .estimators import SPSA, KernelSPSA
+from .estimators import FZOO, SPSA, KernelSPSA
 from .steps import ConservativeStep, EstimateStep, ProjectionStep, StepCore
 from .updates import UPDATES, ClipTensorNorm
 from .updates.schedules import check_schedule
@@ -35,6 +35,8 @@ METHODS: dict[str, dict] = {
     "dizo": {"update": "sgd", "projection": {"search": "zo"}},
     "dizo-fo": {"update": "sgd", "projection": {"search": "fo"}},
     "pezo": {"update": "sgd", "direction": "pezo-pool"},
+    "fzoo": {"update": "sgd", "direction": "rademacher", "fzoo": {"scale": "paper", "std_ddof": 1}},
+    "fzoo-code": {"update": "sgd", "direction": "rademacher", "fzoo": {"scale": "code", "std_ddof": 0}},
 }
 """Named methods (presets of estimator, direction, update rule, step program and projection).
 MeZO and ZO-Bench's ZO-SGD are the same algorithm (Zhang et al., 2024). ``kerzoo``: KerZOO's
@@ -42,7 +44,9 @@ estimator as the paper states it (order-3 kernel, one r per probe). ``kerzoo-cod
 authors' code runs it (3 probes, r per tensor on a linearly shrinking interval, the code's kernel
 scale, per-tensor clipping at 4e5, look-ahead acceleration). ``dizo``/``dizo-fo``: MeZO with
 DiZO's layer-wise projection, searched by ZO or by backprop. ``pezo``: MeZO with PeZO's
-pre-generated uniform pool, carried-over offset, adaptive scaling."""
+pre-generated uniform pool, carried-over offset, adaptive scaling. ``fzoo``/``fzoo-code``: FZOO's
+8 one-sided Rademacher probes normalised by the std of the perturbed losses, as the paper writes it
+(1/eps in the step, sample std) and as its code runs it (no 1/eps, population std)."""
 
 PROGRAMS = {"estimate": EstimateStep, "conservative": ConservativeStep}
 STATE_FREE = ("sgd", "sign")
@@ -79,6 +83,8 @@ def check_options(options: dict) -> None:
 
 def make_estimator(spec: dict, eps: float, num_probes: int | None, one_sided: bool, kernel: dict | None):
     """The method's estimator; kernel options (``kernel=``) turn any method into a kernel one."""
+    if "fzoo" in spec and kernel is None:
+        return FZOO(eps, num_probes or 8, **spec["fzoo"])
     if kernel is None and "kernel" not in spec:
         return SPSA(eps, num_probes or 1, one_sided)
     if one_sided:

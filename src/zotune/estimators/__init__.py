@@ -1,5 +1,7 @@
-"""Estimators: ``plan(key_of) -> ProbePlan`` and ``combine(plan, losses) -> ZOGrad``; pure maths on scalars."""
+"""Estimators: ``plan(key_of) -> ProbePlan`` and ``combine(plan, feedback) -> gradient`` (or None to
+skip the step); pure maths on scalars."""
+from .fzoo import FZOO
 from .kernel import KernelSPSA
 from .spsa import SPSA
 
-__all__ = ["SPSA", "KernelSPSA"]
+__all__ = ["SPSA", "KernelSPSA", "FZOO"]

@@ -7,8 +7,9 @@ r"""Step programs that estimate a gradient and apply it: the plain step and ZO-S
             g = transforms(estimator.combine(plan, feedback)); engine.apply(update(g))
 
 A look-ahead rule (KerZOO's code's linear coupling) moves to its evaluation point before the
-probes; the move is held by the engine and fused into the first probe's sweep. A non-finite loss
-skips the step: the parameters go back to where they were and ``skipped_steps`` grows.
+probes; the move is held by the engine and fused into the first probe's sweep. A non-finite loss,
+or an estimator that declines (``combine`` returns None), skips the step: the parameters go back to
+where they were and ``skipped_steps`` grows.
 
 ``ConservativeStep`` (ZO-Bench's ZO-SGD-Cons): evaluate theta, estimate g, then evaluate the two
 candidates theta -+ lr g and keep the best of the three. The candidates are points along the
@@ -58,6 +59,9 @@ class EstimateStep:
             return
         values = list(feedback.values) if isinstance(feedback, Losses) else feedback
         grad = core.estimator.combine(plan, values, core.direction.second_moment, self.step)
+        if grad is None:  # the estimator declined (FZOO: the losses have no spread)
+            self.skip(core)
+            return
         grad = core.transforms(grad, core.engine)
         core.last_grad = grad
         update = core.make_update(grad, self.step)
@@ -126,8 +130,11 @@ class ConservativeStep(EstimateStep):
             if not (losses.finite and math.isfinite(self.base_loss)):
                 self.skip(core)
                 return
-            grad = core.transforms(core.estimator.combine(plan, list(losses.values),
-                                                          core.direction.second_moment, self.step), core.engine)
+            grad = core.estimator.combine(plan, list(losses.values), core.direction.second_moment, self.step)
+            if grad is None:
+                self.skip(core)
+                return
+            grad = core.transforms(grad, core.engine)
             core.last_grad = grad
             lrs = set(core.make_update(grad, self.step).lr)
             if len(lrs) != 1:
