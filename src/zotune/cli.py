@@ -22,7 +22,8 @@ from .errors import ZotuneError
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per setting of TrainConfig (``--`` + its flat name), grouped by section."""
+    """One flag per setting of TrainConfig (``--`` + its flat name), grouped by section. Values
+    stay strings here: the config converts them as it converts YAML values (``--steps 1e3``)."""
     from .config import LEAVES, SECTIONS
 
     groups = {}
@@ -37,9 +38,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             groups[section].add_argument(leaf.flag, dest=leaf.flat, action=argparse.BooleanOptionalAction,
                                          default=argparse.SUPPRESS, help=help_text)
         else:
-            groups[section].add_argument(leaf.flag, dest=leaf.flat, type=leaf.kind,
-                                         default=argparse.SUPPRESS, help=help_text,
-                                         metavar=leaf.flat.upper())
+            groups[section].add_argument(leaf.flag, dest=leaf.flat, default=argparse.SUPPRESS,
+                                         help=help_text, metavar=leaf.flat.upper())
 
 
 def _read_yaml(path: str) -> dict:
@@ -57,21 +57,23 @@ def _read_yaml(path: str) -> dict:
 def load_config(path: str | None, overrides: dict):
     """TrainConfig from an optional YAML file (nested sections or flat keys), overridden by
     explicit flags (flat names)."""
-    from .config import TrainConfig
+    from .config import COMMAND_LINE, TrainConfig
 
     cfg = TrainConfig.from_dict(_read_yaml(path), source=path) if path else TrainConfig()
-    return cfg.updated(overrides, source="the command line")
+    return cfg.updated(overrides, source=COMMAND_LINE)
 
 
 def train_config(args):
     """The TrainConfig of ``zotune train``: --config's YAML, or with --resume and no --config the
     run's own config.json, overridden by the flags given."""
+    from .config import COMMAND_LINE
+
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume", "quiet", "func")}
     cfg = load_config(args.config, overrides)
     if args.resume and args.config is None and "output_dir" in overrides:
         saved = Path(cfg.run.output_dir) / "config.json"
         if saved.exists():  # resume with the run's own settings (nested or flat), flags override
-            cfg = _saved_config(saved).updated(overrides, source="the command line")
+            cfg = _saved_config(saved).updated(overrides, source=COMMAND_LINE)
     return cfg
 
 
@@ -97,6 +99,7 @@ def _saved_config(path: Path):
 
 def cmd_eval(args) -> int:
     from . import checkpoint
+    from .config import COMMAND_LINE
     from .train import TrainConfig, build, evaluate, load_task
 
     cfg = TrainConfig()
@@ -107,7 +110,7 @@ def cmd_eval(args) -> int:
             raise ZotuneError(f"{run} is not a zotune run directory (no config.json)")
         cfg = _saved_config(saved)
     cfg = cfg.updated({key: getattr(args, key) for key in ("task", "task_file", "model", "data_dir")
-                       if getattr(args, key) is not None}, source="the command line")
+                       if getattr(args, key) is not None}, source=COMMAND_LINE)
     task = load_task(cfg)
     d = cfg.data
     data = task.load(d.data_dir, num_train=d.num_train, num_dev=d.num_dev,

@@ -153,29 +153,68 @@ def _collect(mapping: Mapping, path: tuple[str, ...], source: str, found: dict) 
         found[leaf.path] = (spelled, value)
 
 
+COMMAND_LINE = "the command line"
+"""The ``source`` of flag values: their errors name the flag (``--steps``), not the setting."""
+_BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True,
+               "false": False, "no": False, "off": False, "0": False}
+_NULL_WORDS = ("null", "none", "~", "")
+
+
 def coerce(leaf: Leaf, value, source: str):
-    """``value`` as the setting's type; numbers may be strings (YAML 1.1 reads 1e-5 as one)."""
-    kind = leaf.kind
+    """``value`` as the setting's declared type, or a one-line error naming the setting, the value
+    and the type wanted. Strings convert (YAML 1.1 reads ``1e-5`` as one, flags are strings):
+    numbers for int and float settings (``"1e3"`` is the integer 1000), true/false/yes/no/on/off/1/0
+    for bool settings, null/none for optional numbers and switches; numbers convert to strings
+    for str settings (``output_dir: 2024``)."""
+    kind, given = leaf.kind, value
     if value is None and leaf.optional:
         return None
-    if kind is bool and isinstance(value, bool):
-        return value
-    if not isinstance(value, bool):
-        if kind is str and isinstance(value, str):
+    if (isinstance(value, str) and leaf.optional and kind is not str
+            and value.strip().lower() in _NULL_WORDS):
+        return None
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is bool:
+        if isinstance(value, bool):
             return value
-        if kind in (int, float) and isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if kind is float and isinstance(value, (int, float)):
-            return float(value)
-        if kind is int and isinstance(value, int):
+        if isinstance(value, str) and value.strip().lower() in _BOOL_WORDS:
+            return _BOOL_WORDS[value.strip().lower()]
+        if number and value in (0, 1):
+            return bool(value)
+    elif kind is str:
+        if isinstance(value, str):
             return value
-        if kind is int and isinstance(value, float) and value.is_integer():
+        if number:
+            return str(value)
+    elif kind is int:
+        if isinstance(value, str):
+            value = _number(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
             return int(value)
+    elif kind is float:
+        if isinstance(value, str):
+            value = _number(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
     words = _KIND_WORDS[kind] + (" or null" if leaf.optional else "")
-    raise ZotuneError(f"setting '{leaf.dotted}' in {source} must be {words}, got {value!r}")
+    hint = ""
+    if kind is str and isinstance(value, bool):
+        hint = " (YAML reads yes/no/on/off/true/false unquoted as a boolean: quote the value)"
+    name = leaf.flag if source == COMMAND_LINE else f"setting '{leaf.dotted}' in {source}"
+    raise ZotuneError(f"{name} must be {words}, got {given!r}{hint}")
+
+
+def _number(text: str):
+    """``text`` as an int (exactly, when it is one) or a float; unchanged when it is neither."""
+    try:
+        return int(text.strip())
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def _fields(path: tuple[str, ...]) -> list[str]:
