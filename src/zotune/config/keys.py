@@ -40,6 +40,20 @@ class Leaf:
     default: object
     help: str
     resume: object  # FIXED, FREE or check(saved, new) -> reason or None
+    choice_source: object = None  # a tuple of the valid values, a function returning it, or None
+    check_choices: bool = True
+    default_text: str | None = None  # how the help shows the default, if not the value itself
+
+    @property
+    def choices(self) -> tuple | None:
+        """The valid values (read from their registry), or None for a setting without a fixed set."""
+        source = self.choice_source
+        return tuple(source()) if callable(source) else source
+
+    @property
+    def checked(self) -> bool:
+        """Whether ``TrainConfig.validate`` checks the value against ``choices``."""
+        return self.choice_source is not None and self.check_choices
 
     @property
     def dotted(self) -> str:
@@ -72,9 +86,10 @@ def _walk(cls, path: tuple[str, ...], sections: dict, leaves: list) -> None:
         kinds = [a for a in args if a is not type(None)]
         if len(kinds) != 1 or kinds[0] not in _KIND_WORDS:
             raise TypeError(f"unsupported config field type {typ} of {'.'.join(path + (f.name,))}")
-        leaves.append(Leaf(path + (f.name,), f.metadata.get("flat", cls.flat_prefix + f.name),
-                           kinds[0], len(args) > 1, f.default, f.metadata["help"],
-                           f.metadata["resume"]))
+        meta = f.metadata
+        leaves.append(Leaf(path + (f.name,), meta.get("flat", cls.flat_prefix + f.name),
+                           kinds[0], len(args) > 1, f.default, meta["help"], meta["resume"],
+                           meta["choices"], meta["checked"], meta["default_text"]))
 
 
 SECTIONS: dict[tuple[str, ...], type] = {}
