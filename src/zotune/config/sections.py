@@ -21,6 +21,7 @@ import copy
 import dataclasses
 import functools
 import inspect
+import os
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -405,9 +406,25 @@ class TrainConfig:
 
         return {leaf.flat: leaf.get(self) for leaf in LEAVES}
 
-    def resolved(self) -> "TrainConfig":
-        """A copy with lr and eps filled in from the trainable scheme, validated."""
+    def with_absolute_paths(self) -> "TrainConfig":
+        """A copy whose paths are absolute: ``data_dir``, ``task_file``, ``output_dir``, and the
+        model when it names a local directory (not an embedded model), so that a run's config.json
+        means the same from any working directory (``zotune eval --checkpoint``, ``--resume``)."""
+        from ..models.loading import EMBEDDED
+
         cfg = copy.deepcopy(self)
+        d, m = cfg.data, cfg.model
+        d.data_dir = _absolute(d.data_dir) if d.data_dir else d.data_dir
+        d.task_file = _absolute(d.task_file) if d.task_file else d.task_file
+        cfg.run.output_dir = _absolute(cfg.run.output_dir)
+        if m.name.lower() not in EMBEDDED and os.path.isdir(os.path.expanduser(m.name)):
+            m.name = _absolute(m.name)
+        return cfg
+
+    def resolved(self) -> "TrainConfig":
+        """A copy with absolute paths (``with_absolute_paths``) and lr and eps filled in from the
+        trainable scheme, validated."""
+        cfg = self.with_absolute_paths()
         scheme = cfg.model.trainable
         if cfg.method.lr is None:
             cfg.method.lr = DEFAULT_LR.get(scheme, 1e-6)
@@ -444,6 +461,10 @@ class TrainConfig:
             raise ZotuneError(f"max_time must be > 0 seconds, got {run.max_time}")
         if method.schedule != "constant" and method.warmup_steps >= run.steps:
             raise ZotuneError(f"warmup_steps ({method.warmup_steps}) must be < steps ({run.steps})")
+
+
+def _absolute(path: str) -> str:
+    return os.path.abspath(os.path.expanduser(path))
 
 
 def _positive_int(value) -> bool:
