@@ -179,6 +179,8 @@ def cmd_eval(args) -> int:
         cfg = _saved_config(saved)
     given = {key: getattr(args, key) for key in ("task", "task_file", "model", "data_dir")
              if getattr(args, key) is not None}
+    if args.skip_bad_rows:
+        given["skip_bad_rows"] = True
     if args.task is not None and args.task_file is None:
         given["task_file"] = None  # --task names a built-in task instead of the run's task file
     cfg = cfg.updated(given, source=COMMAND_LINE)
@@ -187,7 +189,10 @@ def cmd_eval(args) -> int:
     task = load_task(cfg)
     d = cfg.data
     data = task.load(d.data_dir, num_train=d.num_train, num_dev=d.num_dev,
-                     num_test=args.num_test or d.num_test, seed=d.data_seed)
+                     num_test=args.num_test or d.num_test, seed=d.data_seed,
+                     skip_bad_rows=d.skip_bad_rows)
+    for note in data.notes:
+        print(f"note: {note}", file=sys.stderr)
     model, _, scorer, params = build(cfg.resolved(), task)
     source = "zero-shot"
     if run is not None:
@@ -256,6 +261,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--num-test", type=int, help="test examples (default: the run's num_test)")
     p.add_argument("--eval-batch-size", type=int, default=32,
                    help="examples per evaluation forward pass (default: 32)")
+    p.add_argument("--skip-bad-rows", action="store_true",
+                   help="skip rows of the data files that cannot be used instead of stopping "
+                   "(default: the run's setting)")
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("list", help="models, tasks, methods, directions",
                        description="List the embedded models, tasks, methods, directions, "

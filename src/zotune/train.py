@@ -169,11 +169,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
         raise ZotuneError(f"{out} already holds a run ({previous.name}); pass --resume to continue "
                           "it or choose another --output-dir")
     else:  # a resumed run writes its config.json once its checkpoint has loaded
-        _write_json(out / "config.json", cfg.flat())
+        _write_json(out / "config.json", cfg.saved())
 
     task = load_task(cfg)
     data = task.load(d.data_dir, num_train=d.num_train, num_dev=d.num_dev, num_test=d.num_test,
-                     seed=d.data_seed)
+                     seed=d.data_seed, skip_bad_rows=d.skip_bad_rows)
     dev = data.dev[: d.eval_dev] if d.eval_dev else data.dev
     model, _, scorer, params = build(cfg, task)
     loss_of = objective_fn(cfg, task, scorer)
@@ -200,7 +200,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
         saved_state, opt_state = checkpoint.load(previous, params)
         opt.load_state_dict(opt_state)
         state = RunState(**saved_state)
-        _write_json(out / "config.json", cfg.flat())  # only now: a refused resume leaves it as it was
+        _write_json(out / "config.json", cfg.saved())  # only now: a refused resume leaves it as it was
         _truncate_metrics(metrics_path, state.step)
     else:
         metrics_path.write_text("")
@@ -298,7 +298,7 @@ def _finish(out, cfg, state, opt, task, scorer, data, params, start_time, status
                "wall_time_s": state.wall_time, "forward_passes": opt.forward_passes,
                "random_numbers": opt.engine.numbers_drawn, "skipped_steps": opt.skipped_steps, "peak_rss_gib": _peak_rss_gib(),
                "train_examples": len(data.train), "dev_examples": len(data.dev),
-               "test_examples": len(data.test), "notes": data.notes}
+               "test_examples": len(data.test), "skipped_rows": data.skipped_rows, "notes": data.notes}
     _write_json(out / "summary.json", summary)
     plot_curves(out / "metrics.jsonl", out / "curves.png",
                 title=f"{task.name} / {cfg.model.name} / {cfg.method.name}")

@@ -43,6 +43,7 @@ class Leaf:
     choice_source: object = None  # a tuple of the valid values, a function returning it, or None
     check_choices: bool = True
     default_text: str | None = None  # how the help shows the default, if not the value itself
+    added: bool = False  # added after zotune 0.1 (config.json holds it only when not default)
 
     @property
     def choices(self) -> tuple | None:
@@ -89,7 +90,7 @@ def _walk(cls, path: tuple[str, ...], sections: dict, leaves: list) -> None:
         meta = f.metadata
         leaves.append(Leaf(path + (f.name,), meta.get("flat", cls.flat_prefix + f.name),
                            kinds[0], len(args) > 1, f.default, meta["help"], meta["resume"],
-                           meta["choices"], meta["checked"], meta["default_text"]))
+                           meta["choices"], meta["checked"], meta["default_text"], meta["added"]))
 
 
 SECTIONS: dict[tuple[str, ...], type] = {}

@@ -43,7 +43,7 @@ FREE = "free"
 
 
 def setting(default, help: str, *, resume=FIXED, flat: str | None = None, choices=None,
-            checked: bool = True, default_text: str | None = None):
+            checked: bool = True, default_text: str | None = None, added: bool = False):
     """A config field: ``default``; ``help`` (the flag's help text, without the default: the flag's
     help adds it); ``resume``: ``FIXED`` (may not change on resume; the default, so that a new
     field is safe until declared otherwise), ``FREE``, or ``check(saved, new) -> reason or None``
@@ -51,9 +51,11 @@ def setting(default, help: str, *, resume=FIXED, flat: str | None = None, choice
     prefix + the field name; ``choices``: the valid values, a tuple or a function returning them
     from their registry (listed in the help; checked by ``TrainConfig.validate`` unless
     ``checked=False``, for values the component they configure checks itself); ``default_text``:
-    how the help shows the default, when not the default value itself (a None default)."""
+    how the help shows the default, when not the default value itself (a None default);
+    ``added``: True for a setting added after zotune 0.1 (config.json holds it only where it is
+    not at its default: ``TrainConfig.saved``)."""
     metadata = {"help": help, "resume": resume, "choices": choices, "checked": checked,
-                "default_text": default_text}
+                "default_text": default_text, "added": added}
     if flat is not None:
         metadata["flat"] = flat
     return field(default=default, metadata=metadata)
@@ -182,6 +184,9 @@ class DataConfig:
                                     "--task", default_text="unset")
     data_dir: str | None = setting(None, "GLUE/SuperGLUE files in their official layout",
                                    resume=FREE, default_text="$ZOTUNE_DATA")
+    skip_bad_rows: bool = setting(False, "skip (and count in summary.json) rows of the data files "
+                                  "that cannot be used, instead of stopping at the first one",
+                                  added=True)
     num_train: int = setting(1000, "training examples (MeZO's protocol)")
     num_dev: int | None = setting(None, "dev examples", default_text="the task's own")
     num_test: int = setting(1000, "test examples", resume=FREE)
@@ -405,6 +410,15 @@ class TrainConfig:
         from .keys import LEAVES
 
         return {leaf.flat: leaf.get(self) for leaf in LEAVES}
+
+    def saved(self) -> dict:
+        """What a run's config.json holds: every setting by flat name, as zotune 0.1 wrote it, and
+        a setting added since (``setting(added=True)``) only where it is not at its default, so
+        that the file of a run that does not use it still reads in older versions."""
+        from .keys import LEAVES
+
+        return {leaf.flat: leaf.get(self) for leaf in LEAVES
+                if not leaf.added or leaf.get(self) != leaf.default}
 
     def with_absolute_paths(self) -> "TrainConfig":
         """A copy whose paths are absolute: ``data_dir``, ``task_file``, ``output_dir``, and the
