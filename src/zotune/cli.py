@@ -15,14 +15,75 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
 from .errors import ZotuneError
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with zotune's one-line errors, and negative numbers as values: argparse reads
+    ``--lr -1e-5`` as two options (``-1e-5`` looks like one to it; only ``-1`` and ``-0.5`` do
+    not), so a negative number after a flag that takes a value is joined to it (``--lr=-1e-5``)
+    and reaches the setting's own check ("lr must be >= 0")."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else [str(a) for a in args]
+        return super().parse_known_args(_join_negative_values(self, args), namespace)
+
+    def error(self, message):
+        self.exit(2, f"zotune: error: {message} (see `{self.prog} --help`)\n")
+
+
+_NEGATIVE_NUMBER = re.compile(r"-(\d|\.\d|inf$|infinity$|nan$)", re.IGNORECASE)
+
+
+def _value_flags(parser: argparse.ArgumentParser) -> set[str]:
+    """The option strings of ``parser`` and its subcommands that take one value."""
+    flags = set()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                flags |= _value_flags(sub)
+        elif action.option_strings and action.nargs is None:
+            flags.update(action.option_strings)
+    return flags
+
+
+def _join_negative_values(parser: argparse.ArgumentParser, args: list[str]) -> list[str]:
+    flags, out, i = _value_flags(parser), [], 0
+    while i < len(args):
+        if args[i] == "--":
+            out += args[i:]
+            break
+        if args[i] in flags and i + 1 < len(args) and _NEGATIVE_NUMBER.match(args[i + 1]):
+            out.append(f"{args[i]}={args[i + 1]}")
+            i += 2
+            continue
+        out.append(args[i])
+        i += 1
+    return out
+
+
+def flag_help(leaf) -> str:
+    """A setting's help: what it is, its valid values (from their registry), where it sits in a
+    YAML file, and its default, once."""
+    text = leaf.help
+    if leaf.choices is not None:
+        text += "; one of: " + ", ".join(map(str, leaf.choices))
+    if leaf.default_text is not None:
+        default = leaf.default_text
+    elif leaf.kind is bool:
+        default = "on" if leaf.default else "off"
+    else:
+        default = "unset" if leaf.default is None else leaf.default
+    return f"{text} [{leaf.dotted}] (default: {default})".replace("%", "%%")
+
+
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per setting of TrainConfig (``--`` + its flat name), grouped by section."""
+    """One flag per setting of TrainConfig (``--`` + its flat name), grouped by section. Values
+    stay strings here: the config converts them as it converts YAML values (``--steps 1e3``)."""
     from .config import LEAVES, SECTIONS
 
     groups = {}
@@ -31,15 +92,13 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         if section not in groups:
             groups[section] = parser.add_argument_group(
                 f"{section} settings (YAML: {section}: {{...}} or flat keys)",
-                SECTIONS[(section,)].__doc__.split("\n")[0])
-        help_text = f"{leaf.help} [{leaf.dotted}] (default: {leaf.default})"
+                " ".join(SECTIONS[(section,)].__doc__.split("\n\n")[0].replace("``", "").split()))
         if leaf.kind is bool:
             groups[section].add_argument(leaf.flag, dest=leaf.flat, action=argparse.BooleanOptionalAction,
-                                         default=argparse.SUPPRESS, help=help_text)
+                                         default=argparse.SUPPRESS, help=flag_help(leaf))
         else:
-            groups[section].add_argument(leaf.flag, dest=leaf.flat, type=leaf.kind,
-                                         default=argparse.SUPPRESS, help=help_text,
-                                         metavar=leaf.flat.upper())
+            groups[section].add_argument(leaf.flag, dest=leaf.flat, default=argparse.SUPPRESS,
+                                         help=flag_help(leaf), metavar=leaf.flat.upper())
 
 
 def _read_yaml(path: str) -> dict:
@@ -57,21 +116,32 @@ def _read_yaml(path: str) -> dict:
 def load_config(path: str | None, overrides: dict):
     """TrainConfig from an optional YAML file (nested sections or flat keys), overridden by
     explicit flags (flat names)."""
-    from .config import TrainConfig
+    from .config import COMMAND_LINE, TrainConfig
 
     cfg = TrainConfig.from_dict(_read_yaml(path), source=path) if path else TrainConfig()
-    return cfg.updated(overrides, source="the command line")
+    return cfg.updated(overrides, source=COMMAND_LINE)
+
+
+def _check_task_flags(task, cfg) -> None:
+    """``--task`` names a built-in task; with a task file (``--task-file`` or a ``task_file``
+    setting) it would be ignored, so it is an error."""
+    if task is not None and cfg.data.task_file:
+        raise ZotuneError(f"--task {task} and --task-file {cfg.data.task_file} both given; a task "
+                          "file defines its own task: pass one of them")
 
 
 def train_config(args):
     """The TrainConfig of ``zotune train``: --config's YAML, or with --resume and no --config the
     run's own config.json, overridden by the flags given."""
+    from .config import COMMAND_LINE
+
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume", "quiet", "func")}
     cfg = load_config(args.config, overrides)
     if args.resume and args.config is None and "output_dir" in overrides:
         saved = Path(cfg.run.output_dir) / "config.json"
         if saved.exists():  # resume with the run's own settings (nested or flat), flags override
-            cfg = _saved_config(saved).updated(overrides, source="the command line")
+            cfg = _saved_config(saved).updated(overrides, source=COMMAND_LINE)
+    _check_task_flags(overrides.get("task"), cfg)
     return cfg
 
 
@@ -97,6 +167,7 @@ def _saved_config(path: Path):
 
 def cmd_eval(args) -> int:
     from . import checkpoint
+    from .config import COMMAND_LINE
     from .train import TrainConfig, build, evaluate, load_task
 
     cfg = TrainConfig()
@@ -106,12 +177,22 @@ def cmd_eval(args) -> int:
         if not saved.exists():
             raise ZotuneError(f"{run} is not a zotune run directory (no config.json)")
         cfg = _saved_config(saved)
-    cfg = cfg.updated({key: getattr(args, key) for key in ("task", "task_file", "model", "data_dir")
-                       if getattr(args, key) is not None}, source="the command line")
+    given = {key: getattr(args, key) for key in ("task", "task_file", "model", "data_dir")
+             if getattr(args, key) is not None}
+    if args.skip_bad_rows:
+        given["skip_bad_rows"] = True
+    if args.task is not None and args.task_file is None:
+        given["task_file"] = None  # --task names a built-in task instead of the run's task file
+    cfg = cfg.updated(given, source=COMMAND_LINE)
+    if args.task_file is not None:
+        _check_task_flags(args.task, cfg)
     task = load_task(cfg)
     d = cfg.data
     data = task.load(d.data_dir, num_train=d.num_train, num_dev=d.num_dev,
-                     num_test=args.num_test or d.num_test, seed=d.data_seed)
+                     num_test=args.num_test or d.num_test, seed=d.data_seed,
+                     skip_bad_rows=d.skip_bad_rows)
+    for note in data.notes:
+        print(f"note: {note}", file=sys.stderr)
     model, _, scorer, params = build(cfg.resolved(), task)
     source = "zero-shot"
     if run is not None:
@@ -144,26 +225,49 @@ def cmd_list(args) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="zotune", description="Zeroth-order fine-tuning from forward passes.")
-    sub = top.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="fine-tune a model on a task")
-    p.add_argument("--config", help="YAML file of settings (flags override it)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --output-dir")
+    from . import __version__
+
+    top = _Parser(prog="zotune", description="Zeroth-order fine-tuning from forward passes.")
+    top.add_argument("--version", action="version", version=f"zotune {__version__}",
+                     help="print the version and exit")
+    sub = top.add_subparsers(dest="command", required=True, metavar="{train,eval,list}")
+    p = sub.add_parser("train", help="fine-tune a model on a task",
+                       description="Fine-tune a model on a task with a zeroth-order method; writes "
+                       "config.json, metrics.jsonl, summary.json, curves.png, best/ and checkpoints/ "
+                       "to --output-dir. --steps is the total number of steps, also with --resume.")
+    p.add_argument("--config", help="YAML file of settings, nested by section or flat (flags "
+                   "override it)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its "
+                   "latest checkpoint, with its config.json (flags override it); --steps is the total")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_config_flags(p)
     p.set_defaults(func=cmd_train)
-    p = sub.add_parser("eval", help="evaluate a run's best (or latest) parameters, or zero-shot")
-    p.add_argument("--task")
-    p.add_argument("--task-file")
-    p.add_argument("--checkpoint", help="run directory written by `zotune train`")
-    p.add_argument("--which", choices=("best", "latest"), default="best")
-    p.add_argument("--model")
-    p.add_argument("--data-dir")
-    p.add_argument("--split", choices=("test", "dev"), default="test")
-    p.add_argument("--num-test", type=int)
-    p.add_argument("--eval-batch-size", type=int, default=32)
+    p = sub.add_parser("eval", help="evaluate a run's best (or latest) parameters, or zero-shot",
+                       description="Evaluate a run's best (or latest) parameters, or the model "
+                       "zero-shot when no --checkpoint is given; prints one JSON line.")
+    p.add_argument("--checkpoint", metavar="RUN_DIR", help="run directory written by `zotune "
+                   "train` (its config.json gives the task, model and data)")
+    p.add_argument("--which", choices=("best", "latest"), default="best",
+                   help="the best-dev parameters or the latest checkpoint (default: best)")
+    p.add_argument("--task", help="built-in task, instead of the run's (see `zotune list`)")
+    p.add_argument("--task-file", help="custom task spec (YAML/JSON; docs/tasks.md), instead of "
+                   "the run's task")
+    p.add_argument("--model", help="embedded model name, local model directory or Hugging Face "
+                   "id (default: the run's; zero-shot: smollm2-135m)")
+    p.add_argument("--data-dir", help="GLUE/SuperGLUE files in their official layout (default: "
+                   "the run's, else $ZOTUNE_DATA)")
+    p.add_argument("--split", choices=("test", "dev"), default="test",
+                   help="the split to evaluate (default: test)")
+    p.add_argument("--num-test", type=int, help="test examples (default: the run's num_test)")
+    p.add_argument("--eval-batch-size", type=int, default=32,
+                   help="examples per evaluation forward pass (default: 32)")
+    p.add_argument("--skip-bad-rows", action="store_true",
+                   help="skip rows of the data files that cannot be used instead of stopping "
+                   "(default: the run's setting)")
     p.set_defaults(func=cmd_eval)
-    p = sub.add_parser("list", help="models, tasks, methods, directions")
+    p = sub.add_parser("list", help="models, tasks, methods, directions",
+                       description="List the embedded models, tasks, methods, directions, "
+                       "trainable schemes and objectives.")
     p.set_defaults(func=cmd_list)
     return top
 

@@ -164,21 +164,16 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
     if resume:
         if previous is None:
             raise ZotuneError(f"--resume: no checkpoint in {out}/checkpoints; nothing to resume")
-        saved = out / "config.json"  # flat, or nested if a user wrote one
-        saved_cfg = TrainConfig.from_dict(json.loads(saved.read_text()), source=str(saved))
-        changed = resume_conflicts(saved_cfg, cfg)
-        if changed:
-            raise checkpoint.CheckpointError(
-                f"cannot resume {out}: it was started with different settings: " + "; ".join(changed))
+        _check_resume(out, previous, cfg)
     elif previous is not None:
         raise ZotuneError(f"{out} already holds a run ({previous.name}); pass --resume to continue "
                           "it or choose another --output-dir")
-    # Flat, as zotune 0.1 wrote it (old tools keep reading it); nested YAML is read all the same.
-    _write_json(out / "config.json", cfg.flat())
+    else:  # a resumed run writes its config.json once its checkpoint has loaded
+        _write_json(out / "config.json", cfg.saved())
 
     task = load_task(cfg)
     data = task.load(d.data_dir, num_train=d.num_train, num_dev=d.num_dev, num_test=d.num_test,
-                     seed=d.data_seed)
+                     seed=d.data_seed, skip_bad_rows=d.skip_bad_rows)
     dev = data.dev[: d.eval_dev] if d.eval_dev else data.dev
     model, _, scorer, params = build(cfg, task)
     loss_of = objective_fn(cfg, task, scorer)
@@ -205,6 +200,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
         saved_state, opt_state = checkpoint.load(previous, params)
         opt.load_state_dict(opt_state)
         state = RunState(**saved_state)
+        _write_json(out / "config.json", cfg.saved())  # only now: a refused resume leaves it as it was
         _truncate_metrics(metrics_path, state.step)
     else:
         metrics_path.write_text("")
@@ -266,6 +262,25 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
     return _finish(out, cfg, state, opt, task, scorer, data, params, start_time, status, final_eval=True)
 
 
+def _check_resume(out: Path, previous: Path, cfg: TrainConfig) -> None:
+    """Refuse to resume the run in ``out`` from checkpoint ``previous`` with settings that change
+    it, or with a --steps below the step it has reached (--steps is the total)."""
+    saved = out / "config.json"  # flat, or nested if a user wrote one
+    saved_cfg = TrainConfig.from_dict(json.loads(saved.read_text()), source=str(saved))
+    changed = resume_conflicts(saved_cfg.with_absolute_paths(), cfg)  # a 0.1 run's may be relative
+    if changed:
+        raise checkpoint.CheckpointError(
+            f"cannot resume {out}: it was started with different settings: " + "; ".join(changed))
+    try:
+        at = int(json.loads((previous / "state.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise checkpoint.CheckpointError(f"cannot read checkpoint {previous}: {exc}") from None
+    if cfg.run.steps < at:
+        raise ZotuneError(f"cannot resume {out} with --steps {cfg.run.steps}: the run is at step {at}; "
+                          f"--steps is the total number of steps, not the number to add: pass "
+                          f"--steps {at + 1} or more to continue it")
+
+
 def _finish(out, cfg, state, opt, task, scorer, data, params, start_time, status, final_eval) -> dict:
     from .report import plot_curves
 
@@ -283,7 +298,7 @@ def _finish(out, cfg, state, opt, task, scorer, data, params, start_time, status
                "wall_time_s": state.wall_time, "forward_passes": opt.forward_passes,
                "random_numbers": opt.engine.numbers_drawn, "skipped_steps": opt.skipped_steps, "peak_rss_gib": _peak_rss_gib(),
                "train_examples": len(data.train), "dev_examples": len(data.dev),
-               "test_examples": len(data.test), "notes": data.notes}
+               "test_examples": len(data.test), "skipped_rows": data.skipped_rows, "notes": data.notes}
     _write_json(out / "summary.json", summary)
     plot_curves(out / "metrics.jsonl", out / "curves.png",
                 title=f"{task.name} / {cfg.model.name} / {cfg.method.name}")

@@ -10,12 +10,13 @@ saved config.json files of any zotune version (``sections`` declares them, ``key
 The spelling of the former flat TrainConfig (``lr: 1.0e-5``, ``kernel_order: 3``,
 ``--kernel-order 3``) still works: each flat name maps to one nested field.
 """
-from .keys import BY_FLAT, BY_PATH, LEAVES, SECTIONS, Leaf, resume_conflicts, resume_keys
+from .keys import (BY_FLAT, BY_PATH, COMMAND_LINE, LEAVES, SECTIONS, Leaf, resume_conflicts,
+                   resume_keys)
 from .sections import (DEFAULT_EPS, DEFAULT_LR, DTYPES, ESTIMATORS, FIXED, FREE, OBJECTIVES,
                        PROJECTIONS, TRAINABLE, DataConfig, DiZOOptions, EngineConfig, KernelOptions,
                        MethodConfig, ModelConfig, PeZOOptions, RunConfig, TrainConfig, setting)
 
-__all__ = ["BY_FLAT", "BY_PATH", "DEFAULT_EPS", "DEFAULT_LR", "DTYPES", "ESTIMATORS", "FIXED", "FREE",
+__all__ = ["BY_FLAT", "BY_PATH", "COMMAND_LINE", "DEFAULT_EPS", "DEFAULT_LR", "DTYPES", "ESTIMATORS", "FIXED", "FREE",
            "LEAVES", "OBJECTIVES", "PROJECTIONS", "SECTIONS", "TRAINABLE", "DataConfig", "DiZOOptions",
            "EngineConfig", "KernelOptions", "Leaf", "MethodConfig", "ModelConfig", "PeZOOptions",
            "RunConfig", "TrainConfig", "resume_conflicts", "resume_keys", "setting"]

@@ -40,6 +40,21 @@ class Leaf:
     default: object
     help: str
     resume: object  # FIXED, FREE or check(saved, new) -> reason or None
+    choice_source: object = None  # a tuple of the valid values, a function returning it, or None
+    check_choices: bool = True
+    default_text: str | None = None  # how the help shows the default, if not the value itself
+    added: bool = False  # added after zotune 0.1 (config.json holds it only when not default)
+
+    @property
+    def choices(self) -> tuple | None:
+        """The valid values (read from their registry), or None for a setting without a fixed set."""
+        source = self.choice_source
+        return tuple(source()) if callable(source) else source
+
+    @property
+    def checked(self) -> bool:
+        """Whether ``TrainConfig.validate`` checks the value against ``choices``."""
+        return self.choice_source is not None and self.check_choices
 
     @property
     def dotted(self) -> str:
@@ -72,9 +87,10 @@ def _walk(cls, path: tuple[str, ...], sections: dict, leaves: list) -> None:
         kinds = [a for a in args if a is not type(None)]
         if len(kinds) != 1 or kinds[0] not in _KIND_WORDS:
             raise TypeError(f"unsupported config field type {typ} of {'.'.join(path + (f.name,))}")
-        leaves.append(Leaf(path + (f.name,), f.metadata.get("flat", cls.flat_prefix + f.name),
-                           kinds[0], len(args) > 1, f.default, f.metadata["help"],
-                           f.metadata["resume"]))
+        meta = f.metadata
+        leaves.append(Leaf(path + (f.name,), meta.get("flat", cls.flat_prefix + f.name),
+                           kinds[0], len(args) > 1, f.default, meta["help"], meta["resume"],
+                           meta["choices"], meta["checked"], meta["default_text"], meta["added"]))
 
 
 SECTIONS: dict[tuple[str, ...], type] = {}
@@ -153,29 +169,68 @@ def _collect(mapping: Mapping, path: tuple[str, ...], source: str, found: dict) 
         found[leaf.path] = (spelled, value)
 
 
+COMMAND_LINE = "the command line"
+"""The ``source`` of flag values: their errors name the flag (``--steps``), not the setting."""
+_BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True,
+               "false": False, "no": False, "off": False, "0": False}
+_NULL_WORDS = ("null", "none", "~", "")
+
+
 def coerce(leaf: Leaf, value, source: str):
-    """``value`` as the setting's type; numbers may be strings (YAML 1.1 reads 1e-5 as one)."""
-    kind = leaf.kind
+    """``value`` as the setting's declared type, or a one-line error naming the setting, the value
+    and the type wanted. Strings convert (YAML 1.1 reads ``1e-5`` as one, flags are strings):
+    numbers for int and float settings (``"1e3"`` is the integer 1000), true/false/yes/no/on/off/1/0
+    for bool settings, null/none for optional numbers and switches; numbers convert to strings
+    for str settings (``output_dir: 2024``)."""
+    kind, given = leaf.kind, value
     if value is None and leaf.optional:
         return None
-    if kind is bool and isinstance(value, bool):
-        return value
-    if not isinstance(value, bool):
-        if kind is str and isinstance(value, str):
+    if (isinstance(value, str) and leaf.optional and kind is not str
+            and value.strip().lower() in _NULL_WORDS):
+        return None
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is bool:
+        if isinstance(value, bool):
             return value
-        if kind in (int, float) and isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if kind is float and isinstance(value, (int, float)):
-            return float(value)
-        if kind is int and isinstance(value, int):
+        if isinstance(value, str) and value.strip().lower() in _BOOL_WORDS:
+            return _BOOL_WORDS[value.strip().lower()]
+        if number and value in (0, 1):
+            return bool(value)
+    elif kind is str:
+        if isinstance(value, str):
             return value
-        if kind is int and isinstance(value, float) and value.is_integer():
+        if number:
+            return str(value)
+    elif kind is int:
+        if isinstance(value, str):
+            value = _number(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
             return int(value)
+    elif kind is float:
+        if isinstance(value, str):
+            value = _number(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
     words = _KIND_WORDS[kind] + (" or null" if leaf.optional else "")
-    raise ZotuneError(f"setting '{leaf.dotted}' in {source} must be {words}, got {value!r}")
+    hint = ""
+    if kind is str and isinstance(value, bool):
+        hint = " (YAML reads yes/no/on/off/true/false unquoted as a boolean: quote the value)"
+    name = leaf.flag if source == COMMAND_LINE else f"setting '{leaf.dotted}' in {source}"
+    raise ZotuneError(f"{name} must be {words}, got {given!r}{hint}")
+
+
+def _number(text: str):
+    """``text`` as an int (exactly, when it is one) or a float; unchanged when it is neither."""
+    try:
+        return int(text.strip())
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def _fields(path: tuple[str, ...]) -> list[str]:

@@ -21,6 +21,7 @@ import copy
 import dataclasses
 import functools
 import inspect
+import os
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -41,15 +42,79 @@ FREE = "free"
 """The setting changes where or how often things are written, not the trajectory."""
 
 
-def setting(default, help: str, *, resume=FIXED, flat: str | None = None):
-    """A config field: ``default``; ``help`` (the flag's help text); ``resume``: ``FIXED`` (may
-    not change on resume; the default, so that a new field is safe until declared otherwise),
-    ``FREE``, or ``check(saved, new) -> reason or None`` for a field that may change only in some
-    runs; ``flat``: its flat name, when not the family prefix + the field name."""
-    metadata = {"help": help, "resume": resume}
+def setting(default, help: str, *, resume=FIXED, flat: str | None = None, choices=None,
+            checked: bool = True, default_text: str | None = None, added: bool = False):
+    """A config field: ``default``; ``help`` (the flag's help text, without the default: the flag's
+    help adds it); ``resume``: ``FIXED`` (may not change on resume; the default, so that a new
+    field is safe until declared otherwise), ``FREE``, or ``check(saved, new) -> reason or None``
+    for a field that may change only in some runs; ``flat``: its flat name, when not the family
+    prefix + the field name; ``choices``: the valid values, a tuple or a function returning them
+    from their registry (listed in the help; checked by ``TrainConfig.validate`` unless
+    ``checked=False``, for values the component they configure checks itself); ``default_text``:
+    how the help shows the default, when not the default value itself (a None default);
+    ``added``: True for a setting added after zotune 0.1 (config.json holds it only where it is
+    not at its default: ``TrainConfig.saved``)."""
+    metadata = {"help": help, "resume": resume, "choices": choices, "checked": checked,
+                "default_text": default_text, "added": added}
     if flat is not None:
         metadata["flat"] = flat
     return field(default=default, metadata=metadata)
+
+
+# The registries the choices come from, read when they are needed (the help, validate), so that
+# importing the config does not import the library.
+def _methods() -> tuple:
+    from ..optim import METHODS
+    return tuple(METHODS)
+
+
+def _directions() -> tuple:
+    from ..directions import DIRECTIONS
+    return tuple(sorted(DIRECTIONS))
+
+
+def _updates() -> tuple:
+    from ..updates import UPDATES
+    return tuple(UPDATES)
+
+
+def _schedules() -> tuple:
+    from ..updates import SCHEDULES
+    return tuple(SCHEDULES)
+
+
+def _tasks() -> tuple:
+    from ..tasks import list_tasks
+    return tuple(list_tasks())
+
+
+def _kernel_orders() -> tuple:
+    from ..estimators.kernel import KERNELS
+    return tuple(sorted(KERNELS))
+
+
+def _kernel_schedules() -> tuple:
+    from ..estimators.kernel import SCHEDULES
+    return tuple(SCHEDULES)
+
+
+def _kernel_r_sharing() -> tuple:
+    from ..estimators.kernel import KernelSPSA
+    return tuple(KernelSPSA.R_SHARING)
+
+
+def _kernel_normalizations() -> tuple:
+    from ..estimators.kernel import KernelSPSA
+    return tuple(KernelSPSA.NORMALIZATIONS)
+
+
+def _pezo_scalings() -> tuple:
+    from ..directions.pezo import SCALINGS
+    return tuple(SCALINGS)
+
+
+def _default_by_scheme(table: dict) -> str:
+    return "by --trainable: " + ", ".join(f"{scheme} {value:g}" for scheme, value in table.items())
 
 
 def component(cls):
@@ -94,12 +159,14 @@ class ModelConfig:
     """The model, where it runs, and which of its parameters train."""
 
     flat_prefix: ClassVar[str] = ""
-    name: str = setting("smollm2-135m", "embedded model name, local directory or Hugging Face id",
-                        flat="model")
-    dtype: str = setting("float32", "parameter dtype (bf16/fp16 keep an fp32 master copy)")
+    name: str = setting("smollm2-135m", "embedded model name, local model directory or Hugging "
+                        "Face id", flat="model")
+    dtype: str = setting("float32", "parameter dtype (bfloat16 and float16 keep a float32 master "
+                         "copy)", choices=DTYPES)
     device: str = setting("auto", "auto (GPU if available), cpu, cuda or cuda:N", resume=FREE)
-    trainable: str = setting("full", "which parameters to train")
-    pattern: str | None = setting(None, "regex of parameter names (--trainable pattern)")
+    trainable: str = setting("full", "which parameters to train", choices=TRAINABLE)
+    pattern: str | None = setting(None, "regex of parameter names (--trainable pattern)",
+                                  default_text="unset")
     lora_r: int = setting(8, "LoRA rank (--trainable lora)")
     lora_alpha: int = setting(16, "LoRA alpha (--trainable lora)")
     prefix_tokens: int = setting(5, "prefix length in tokens (--trainable prefix)")
@@ -111,18 +178,23 @@ class DataConfig:
     """The task, MeZO's data protocol, the batches and the evaluation sets."""
 
     flat_prefix: ClassVar[str] = ""
-    task: str = setting("sst2", "task name (see `zotune list`)")
-    task_file: str | None = setting(None, "custom task spec (YAML/JSON) instead of --task")
-    data_dir: str | None = setting(None, "GLUE/SuperGLUE files in their official layout "
-                                   "(default: $ZOTUNE_DATA)", resume=FREE)
+    # get_task checks the name (case-insensitively), and only when there is no task_file.
+    task: str = setting("sst2", "built-in task (see `zotune list`)", choices=_tasks, checked=False)
+    task_file: str | None = setting(None, "custom task spec (YAML/JSON; docs/tasks.md) instead of "
+                                    "--task", default_text="unset")
+    data_dir: str | None = setting(None, "GLUE/SuperGLUE files in their official layout",
+                                   resume=FREE, default_text="$ZOTUNE_DATA")
+    skip_bad_rows: bool = setting(False, "skip (and count in summary.json) rows of the data files "
+                                  "that cannot be used, instead of stopping at the first one",
+                                  added=True)
     num_train: int = setting(1000, "training examples (MeZO's protocol)")
-    num_dev: int | None = setting(None, "dev examples (default: the task's own)")
+    num_dev: int | None = setting(None, "dev examples", default_text="the task's own")
     num_test: int = setting(1000, "test examples", resume=FREE)
     data_seed: int = setting(0, "seed of MeZO's data sampling")
     batch_size: int = setting(16, "examples per step")
-    objective: str = setting("auto", "training loss; auto = the task's own")
+    objective: str = setting("auto", "training loss; auto = the task's own", choices=OBJECTIVES)
     eval_dev: int | None = setting(None, "evaluate on only the first N dev examples during training",
-                                   resume=FREE)
+                                   resume=FREE, default_text="all of them")
     eval_batch_size: int = setting(32, "examples per evaluation forward pass", resume=FREE)
 
 
@@ -131,12 +203,22 @@ class KernelOptions:
     """KerZOO's kernel-weighted estimator; any option set turns the method's estimator into it."""
 
     flat_prefix: ClassVar[str] = "kernel_"
-    order: int | None = setting(None, "KerZOO kernel order: 1, 3 or 5")
-    schedule: str | None = setting(None, "constant, linear or harmonic")
-    r_sharing: str | None = setting(None, "probe (paper) or tensor (code)")
-    normalization: str | None = setting(None, "paper or code")
-    s0: float | None = setting(None, "initial half-width of r's interval")
-    shrink_steps: int | None = setting(None, "steps of the linear shrink")
+    # The estimator checks these (with its own messages).
+    order: int | None = setting(None, "KerZOO kernel order", choices=_kernel_orders, checked=False,
+                                default_text="the method's or KerZOO's")
+    schedule: str | None = setting(None, "KerZOO: schedule of r's interval",
+                                   choices=_kernel_schedules, checked=False,
+                                   default_text="the method's or KerZOO's")
+    r_sharing: str | None = setting(None, "KerZOO: one r per probe (paper) or per tensor (code)",
+                                    choices=_kernel_r_sharing, checked=False,
+                                    default_text="the method's or KerZOO's")
+    normalization: str | None = setting(None, "KerZOO: the paper's or the authors' code's",
+                                        choices=_kernel_normalizations, checked=False,
+                                        default_text="the method's or KerZOO's")
+    s0: float | None = setting(None, "KerZOO: initial half-width of r's interval",
+                               default_text="the method's or KerZOO's")
+    shrink_steps: int | None = setting(None, "KerZOO: steps of the linear shrink",
+                                       default_text="the method's or KerZOO's")
 
 
 @component
@@ -144,12 +226,15 @@ class DiZOOptions:
     """DiZO's layer-wise projection; any option set turns it on (ZO search unless --projection)."""
 
     flat_prefix: ClassVar[str] = "dizo_"
-    interval: int | None = setting(None, "DiZO: steps between projections")
-    iterations: int | None = setting(None, "DiZO: search iterations")
-    eps: float | None = setting(None, "DiZO: perturbation of the per-layer norms")
-    step_size: float | None = setting(None, "DiZO: search step size")
-    clip: float | None = setting(None, "DiZO: ratio range 1 +- clip")
-    pattern: str | None = setting(None, "DiZO: regex of projected tensors")
+    interval: int | None = setting(None, "DiZO: steps between projections",
+                                   default_text="the method's or DiZO's")
+    iterations: int | None = setting(None, "DiZO: search iterations", default_text="the method's or DiZO's")
+    eps: float | None = setting(None, "DiZO: perturbation of the per-layer norms",
+                                default_text="the method's or DiZO's")
+    step_size: float | None = setting(None, "DiZO: search step size", default_text="the method's or DiZO's")
+    clip: float | None = setting(None, "DiZO: ratio range 1 +- clip", default_text="the method's or DiZO's")
+    pattern: str | None = setting(None, "DiZO: regex of projected tensors",
+                                  default_text="the model's block table")
 
 
 @component
@@ -158,15 +243,21 @@ class PeZOOptions:
 
     flat_prefix: ClassVar[str] = "pezo_"
     pool_size: int | None = setting(None, "numbers in the pool of pooled/pezo-pool directions",
-                                    flat="pool_size")
-    bits: int | None = setting(None, "PeZO: bits of the uniform numbers, 1-16 (0: float)")
-    scaling: str | None = setting(None, "PeZO: norm_per_tensor, norm_global, static or none "
-                                  "(the bank: static or none)")
-    pow2: bool | None = setting(None, "PeZO: round the scale to a power of two")
+                                    flat="pool_size", default_text="the direction's")
+    bits: int | None = setting(None, "PeZO: bits of the uniform numbers, 1-16 (0: float)",
+                               default_text="the direction's")
+    # The direction checks it: the bank takes only static and none.
+    scaling: str | None = setting(None, "PeZO: scaling of the numbers (the bank: static or none)",
+                                  choices=_pezo_scalings, checked=False,
+                                  default_text="the direction's")
+    pow2: bool | None = setting(None, "PeZO: round the scale to a power of two",
+                                default_text="the direction's")
     decorrelate_copies: bool | None = setting(None, "PeZO pool: shift each copy of the pool per "
-                                              "probe (not in the paper)")
-    lanes: int | None = setting(None, "PeZO bank: generators")
-    reuse: int | None = setting(None, "PeZO bank: numbers reused per cycle")
+                                              "probe (not in the paper)",
+                                              default_text="the direction's")
+    lanes: int | None = setting(None, "PeZO bank: generators", default_text="the direction's")
+    reuse: int | None = setting(None, "PeZO bank: numbers reused per cycle",
+                                default_text="the direction's")
 
 
 @component
@@ -175,20 +266,27 @@ class MethodConfig:
     preset's): estimator, direction, update rule, projection, and their option families."""
 
     flat_prefix: ClassVar[str] = ""
-    name: str = setting("mezo", "ZO method", flat="method")
-    lr: float | None = setting(None, "learning rate (default by scheme)")
-    eps: float | None = setting(None, "perturbation scale (default by scheme)")
-    num_probes: int | None = setting(None, "directions per step (n-SPSA)")
+    name: str = setting("mezo", "ZO method (a preset of the parts below)", flat="method",
+                        choices=_methods)
+    lr: float | None = setting(None, "learning rate", default_text=_default_by_scheme(DEFAULT_LR))
+    eps: float | None = setting(None, "perturbation scale",
+                                default_text=_default_by_scheme(DEFAULT_EPS))
+    num_probes: int | None = setting(None, "directions per step (n-SPSA)",
+                                     default_text="the method's")
     one_sided: bool = setting(False, "forward differences against the unperturbed loss")
     weight_decay: float = setting(0.0, "decoupled weight decay (not on biases and norms)")
-    schedule: str = setting("constant", "learning-rate schedule: constant, linear or cosine")
+    schedule: str = setting("constant", "learning-rate schedule", choices=_schedules)
     warmup_steps: int = setting(0, "steps of linear learning-rate warm-up")
-    estimator: str | None = setting(None, "override the method's estimator: spsa or kernel (KerZOO)")
-    update: str | None = setting(None, "override the method's update rule: sgd, momentum, adam, "
-                                 "sign or agd")
-    projection: str | None = setting(None, "override the method's projection: none, dizo or dizo-fo")
-    clip_norm: float | None = setting(None, "per-tensor norm clip of the ZO gradient")
-    direction: str | None = setting(None, "random direction distribution (default: the method's own)")
+    estimator: str | None = setting(None, "override the method's estimator (kernel: KerZOO)",
+                                    choices=ESTIMATORS, default_text="the method's")
+    update: str | None = setting(None, "override the method's update rule", choices=_updates,
+                                 default_text="the method's")
+    projection: str | None = setting(None, "override the method's projection",
+                                     choices=PROJECTIONS, default_text="the method's")
+    clip_norm: float | None = setting(None, "per-tensor norm clip of the ZO gradient",
+                                      default_text="no clipping")
+    direction: str | None = setting(None, "random direction distribution", choices=_directions,
+                                    default_text="the method's")
     kernel: KernelOptions = field(default_factory=KernelOptions)
     dizo: DiZOOptions = field(default_factory=DiZOOptions)
     pezo: PeZOOptions = field(default_factory=PeZOOptions)
@@ -260,13 +358,14 @@ class RunConfig:
     """How long the run is, its seed, where it writes, and how often it logs and evaluates."""
 
     flat_prefix: ClassVar[str] = ""
-    steps: int = setting(1000, "training steps", resume=_steps_on_resume)
+    steps: int = setting(1000, "total number of training steps (with --resume too: the total, "
+                         "not the steps to add)", resume=_steps_on_resume)
     seed: int = setting(0, "run seed (directions and batch order)")
     output_dir: str = setting("runs/zotune", "run directory", resume=FREE)
     log_every: int = setting(10, "log interval (steps)", resume=FREE)
     eval_every: int = setting(100, "dev evaluation interval (steps)", resume=FREE)
     max_time: float | None = setting(None, "stop (with a checkpoint) after this many seconds",
-                                     resume=FREE)
+                                     resume=FREE, default_text="no limit")
 
 
 @component
@@ -312,9 +411,34 @@ class TrainConfig:
 
         return {leaf.flat: leaf.get(self) for leaf in LEAVES}
 
-    def resolved(self) -> "TrainConfig":
-        """A copy with lr and eps filled in from the trainable scheme, validated."""
+    def saved(self) -> dict:
+        """What a run's config.json holds: every setting by flat name, as zotune 0.1 wrote it, and
+        a setting added since (``setting(added=True)``) only where it is not at its default, so
+        that the file of a run that does not use it still reads in older versions."""
+        from .keys import LEAVES
+
+        return {leaf.flat: leaf.get(self) for leaf in LEAVES
+                if not leaf.added or leaf.get(self) != leaf.default}
+
+    def with_absolute_paths(self) -> "TrainConfig":
+        """A copy whose paths are absolute: ``data_dir``, ``task_file``, ``output_dir``, and the
+        model when it names a local directory (not an embedded model), so that a run's config.json
+        means the same from any working directory (``zotune eval --checkpoint``, ``--resume``)."""
+        from ..models.loading import EMBEDDED
+
         cfg = copy.deepcopy(self)
+        d, m = cfg.data, cfg.model
+        d.data_dir = _absolute(d.data_dir) if d.data_dir else d.data_dir
+        d.task_file = _absolute(d.task_file) if d.task_file else d.task_file
+        cfg.run.output_dir = _absolute(cfg.run.output_dir)
+        if m.name.lower() not in EMBEDDED and os.path.isdir(os.path.expanduser(m.name)):
+            m.name = _absolute(m.name)
+        return cfg
+
+    def resolved(self) -> "TrainConfig":
+        """A copy with absolute paths (``with_absolute_paths``) and lr and eps filled in from the
+        trainable scheme, validated."""
+        cfg = self.with_absolute_paths()
         scheme = cfg.model.trainable
         if cfg.method.lr is None:
             cfg.method.lr = DEFAULT_LR.get(scheme, 1e-6)
@@ -325,27 +449,14 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ZotuneError naming the first bad value and the valid choices."""
-        from ..directions import DIRECTIONS
-        from ..optim import METHODS
-        from ..updates import SCHEDULES, UPDATES
+        from .keys import LEAVES
 
         model, data, method, run = self.model, self.data, self.method, self.run
-
-        def choice(name, value, valid):
-            if value not in valid:
-                raise ZotuneError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
-
-        choice("method", method.name, list(METHODS))
-        for name, value, valid in (("direction", method.direction, sorted(DIRECTIONS)),
-                                   ("estimator", method.estimator, ESTIMATORS),
-                                   ("projection", method.projection, PROJECTIONS),
-                                   ("update", method.update, list(UPDATES))):
-            if value is not None:
-                choice(name, value, valid)
-        choice("trainable", model.trainable, TRAINABLE)
-        choice("objective", data.objective, OBJECTIVES)
-        choice("schedule", method.schedule, SCHEDULES)
-        choice("dtype", model.dtype, DTYPES)
+        for leaf in LEAVES:  # the settings with a fixed set of values, from their registries
+            value = leaf.get(self)
+            if leaf.checked and value is not None and value not in leaf.choices:
+                raise ZotuneError(f"unknown {leaf.flat} {value!r}; valid: "
+                                  f"{', '.join(map(str, leaf.choices))}")
         if method.num_probes is not None and not _positive_int(method.num_probes):
             raise ZotuneError(f"num_probes must be an integer >= 1, got {method.num_probes!r}")
         for name, value in (("steps", run.steps), ("batch_size", data.batch_size),
@@ -364,6 +475,10 @@ class TrainConfig:
             raise ZotuneError(f"max_time must be > 0 seconds, got {run.max_time}")
         if method.schedule != "constant" and method.warmup_steps >= run.steps:
             raise ZotuneError(f"warmup_steps ({method.warmup_steps}) must be < steps ({run.steps})")
+
+
+def _absolute(path: str) -> str:
+    return os.path.abspath(os.path.expanduser(path))
 
 
 def _positive_int(value) -> bool:

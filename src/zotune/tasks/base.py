@@ -60,6 +60,8 @@ class TaskData:
     dev: list[Example]
     test: list[Example]
     notes: list[str]
+    skipped_rows: int = 0
+    """Rows of the data files skipped as unusable (``skip_bad_rows=True``; else they are errors)."""
 
 
 def sample_subset(n_items: int, seed: int, num: int | None) -> list[int]:
@@ -90,6 +92,25 @@ def mezo_example(encoded: str, verbalized: Sequence[str], label: int = -1,
             raise TaskDataError(f"verbalized text does not start with the prompt: {text[:80]!r}")
         candidates.append(text[len(prompt):])
     return Example(prompt=prompt, candidates=tuple(candidates), label=label, answers=tuple(answers))
+
+
+def label_index(task: str, record: dict, labels: dict, field: str = "label") -> int:
+    """Candidate index of a record's label (-1 when the record has none, e.g. a test file)."""
+    value = record.get(field)
+    if value is None:
+        return -1
+    key = value.strip() if isinstance(value, str) else value
+    try:
+        return labels[key]
+    except (KeyError, TypeError):  # TypeError: an unhashable value (a list, an object)
+        valid = ", ".join(dict.fromkeys(str(k) for k in labels))
+        raise TaskDataError(f"unknown label {_short(value)} in field {field!r}; valid labels: "
+                            f"{valid}") from None
+
+
+def _short(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _too_few(name: str, split: str, got: int, asked: int, why: str) -> str:
@@ -142,7 +163,8 @@ class Task:
     """One task: what kind it is, how it is trained and scored, and how its data is loaded.
 
     Subclasses set the class attributes and implement ``read`` (raw records per split, from a data
-    directory) and ``to_example`` (one raw record -> Example). ``load`` applies MeZO's protocol.
+    directory) and ``to_example`` (one raw record -> Example). ``load`` checks every record
+    (``check``), applies MeZO's protocol to the usable ones and renders those it drew.
     """
 
     name: ClassVar[str] = ""
@@ -150,25 +172,104 @@ class Task:
     train_objective: ClassVar[str] = "classification"
     metric: ClassVar[str] = "accuracy"
     num_dev_default: ClassVar[int] = 500
+    fields: ClassVar[tuple[str, ...]] = ()
+    """The text fields a record needs (``check``: present, strings)."""
+    labels: ClassVar[dict | None] = None
+    """Label value -> candidate index (``data.label_index``); None for a task without labels."""
+    label_field: ClassVar[str] = "label"
+    check_renders: ClassVar[bool] = False
+    """Whether ``check`` also renders the record: for tasks whose ``to_example`` needs more than
+    string fields and a label (and whose files are small, as rendering every row costs time)."""
 
-    def read(self, data_dir: Path | None) -> tuple[list[dict] | None, list[dict]]:
-        """(train records or None when there is no train split, validation records)."""
+    def read(self, data_dir: Path | None, bad=None) -> tuple[list[dict] | None, list[dict]]:
+        """(train records or None when there is no train split, validation records), ideally as
+        ``data.Rows`` (which know each record's file and line); rows that cannot be parsed go to
+        ``bad`` (a ``data.BadRows``; default: an error)."""
         raise NotImplementedError
 
     def to_example(self, record: dict) -> Example:
         raise NotImplementedError
 
-    def load(self, data_dir: str | Path | None = None, *, num_train: int = 1000, num_dev: int | None = None,
-             num_test: int | None = 1000, seed: int = 0) -> TaskData:
-        """Sample train/dev/test with MeZO's protocol (see ``mezo_splits``) and render them."""
-        from zotune.tasks.data import resolve_data_dir
+    def check(self, record: dict, labeled: bool = True) -> str | None:
+        """What makes ``record`` unusable, or None when ``to_example`` renders it: a missing or
+        non-string field of ``fields``, a label that is not one of ``labels`` or, when
+        ``labeled``, is missing; with ``check_renders``, anything ``to_example`` fails on."""
+        for name in self.fields:
+            if name not in record:
+                return f"missing field {name!r} (fields: {', '.join(map(str, record)) or 'none'})"
+            if not isinstance(record[name], str):
+                return f"field {name!r} must be a string, got {_short(record[name])}"
+        if self.labels is not None:
+            try:
+                label = label_index(self.name, record, self.labels, self.label_field)
+            except TaskDataError as e:
+                return str(e)
+            if label == -1 and labeled:
+                return f"no label (field {self.label_field!r} missing or null)"
+        return self.render_problem(record) if self.check_renders else None
 
-        train, valid = self.read(resolve_data_dir(data_dir))
+    def render_problem(self, record: dict) -> str | None:
+        """Why ``to_example`` fails on ``record``, or None."""
+        try:
+            self.to_example(record)
+        except TaskDataError as e:
+            return str(e)
+        except KeyError as e:
+            return f"missing field {e.args[0]!r}"
+        except (TypeError, ValueError, AttributeError, IndexError) as e:
+            return f"cannot be rendered ({type(e).__name__}: {e})"
+        return None
+
+    def usable(self, records: Sequence[dict], bad, *, split: str = "",
+               labeled: bool = True) -> list[tuple[dict, str]]:
+        """``(record, where)`` for every record that passes ``check``; the others go to ``bad``,
+        named by file and line (``where``: from ``data.Rows``, else the split and index)."""
+        places = getattr(records, "where", None)
+        out = []
+        for i, record in enumerate(records):
+            where = places[i] if places else f"{split or 'records'}[{i}]"
+            try:
+                problem = self.check(record, labeled)
+            except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+                problem = f"cannot be read ({type(e).__name__}: {e})"
+            if problem is None:
+                out.append((record, where))
+            else:
+                bad.reject(where, problem)
+        return out
+
+    def render(self, record: dict, where: str) -> Example:
+        """``to_example(record)``, with an error naming ``where`` if it fails (``check`` missed
+        something) or gives a label outside the candidates."""
+        try:
+            example = self.to_example(record)
+        except Exception as e:  # noqa: BLE001 - any failure is the record's; name it
+            reason = e if isinstance(e, TaskDataError) else f"{type(e).__name__}: {e}"
+            raise TaskDataError(f"{self.name}: {where}: cannot be rendered ({reason})") from None
+        if not -1 <= example.label < len(example.candidates):
+            raise TaskDataError(f"{self.name}: {where}: label {example.label} is not one of the "
+                                f"{len(example.candidates)} candidates")
+        return example
+
+    def load(self, data_dir: str | Path | None = None, *, num_train: int = 1000, num_dev: int | None = None,
+             num_test: int | None = 1000, seed: int = 0, skip_bad_rows: bool = False) -> TaskData:
+        """Check every record (``check``), sample train/dev/test from the usable ones with MeZO's
+        protocol (see ``mezo_splits``) and render them. A record that cannot be used is an error
+        naming its file, line and what is wrong; with ``skip_bad_rows`` it is skipped, counted
+        (``TaskData.skipped_rows``) and noted."""
+        from zotune.tasks.data import BadRows, resolve_data_dir
+
+        bad = BadRows(self.name, skip=skip_bad_rows)
+        train, valid = self.read(resolve_data_dir(data_dir), bad)
+        train = None if train is None else self.usable(train, bad, split="train")
+        valid = self.usable(valid, bad, split="validation")
         num_dev = self.num_dev_default if num_dev is None else num_dev
         tr, dev, test, notes = mezo_splits(self.name, train, valid, num_train=num_train, num_dev=num_dev,
                                            num_test=num_test, seed=seed)
-        render = self.to_example
-        return TaskData([render(r) for r in tr], [render(r) for r in dev], [render(r) for r in test], notes)
+        if bad.note():
+            notes.append(bad.note())
+        return TaskData([self.render(*r) for r in tr], [self.render(*r) for r in dev],
+                        [self.render(*r) for r in test], notes, bad.count)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(name={self.name!r}, kind={self.kind!r}, "

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from zotune.tasks.base import Example, Task, TaskData, TaskDataError, mezo_example, mezo_splits, sample_subset
-from zotune.tasks.data import DataNotFoundError, iter_jsonl
+from zotune.tasks.data import BadRows, DataNotFoundError, read_jsonl
 
 REQUIRED = ("name", "train", "template", "verbalizer")
 OPTIONAL = ("dev", "test", "label_field", "kind", "train_objective", "num_dev", "description")
@@ -65,7 +65,7 @@ class CustomTask(Task):
             raise TaskDataError(f"{self.name}: train_objective must be classification or answer_lm, "
                                 f"got {self.train_objective!r}")
         self.template = str(spec["template"])
-        self.fields = _template_fields(self.template)
+        self.template_fields = _template_fields(self.template)
         self.label_field = str(spec.get("label_field", "label"))
         verbalizer = spec["verbalizer"]
         items = list(enumerate(verbalizer)) if isinstance(verbalizer, list) else list(dict(verbalizer).items())
@@ -77,31 +77,32 @@ class CustomTask(Task):
         base = base_dir or Path.cwd()
         self.files = {k: (base / Path(spec[k]).expanduser()) for k in ("train", "dev", "test") if spec.get(k)}
 
-    def _read(self, split: str) -> list[dict]:
+    def _read(self, split: str, bad) -> list[Example]:
+        """The examples of one split's file; a line that cannot be one goes to ``bad``."""
         path = self.files[split]
         if not path.is_file():
             raise DataNotFoundError(f"{self.name}: {split} file not found: {path}")
-        records = []
-        for lineno, record in iter_jsonl(path):
-            self._check(record, path, lineno, needs_label=split != "test")
-            records.append(record)
-        if not records:
-            raise TaskDataError(f"{self.name}: {path} has no records")
-        return records
+        usable = self.usable(read_jsonl(path, bad), bad, split=split, labeled=split != "test")
+        if not usable:
+            raise TaskDataError(f"{self.name}: {path} has no records"
+                                + (f" that can be used ({bad.count} skipped)" if bad.count else ""))
+        return [self.render(*pair) for pair in usable]
 
-    def _check(self, record: dict, path: Path, lineno: int, needs_label: bool) -> None:
-        where = f"{path}:{lineno}"
-        for field in self.fields:
+    def check(self, record: dict, labeled: bool = True) -> str | None:
+        """What makes a record unusable (a template field or, when ``labeled``, the label field
+        missing, an unknown label, a template that does not render), or None."""
+        for field in self.template_fields:
             if field not in record:
-                raise TaskDataError(f"{self.name}: template field {field!r} missing from the record at {where}; "
-                                    f"fields available: {', '.join(sorted(record))}")
+                return (f"template field {field!r} missing from the record; fields available: "
+                        f"{', '.join(sorted(record))}")
         if self.label_field not in record:
-            if needs_label:
-                raise TaskDataError(f"{self.name}: label field {self.label_field!r} missing from the record at "
-                                    f"{where}; fields available: {', '.join(sorted(record))}")
+            if labeled:
+                return (f"label field {self.label_field!r} missing from the record; fields available: "
+                        f"{', '.join(sorted(record))}")
         elif str(record[self.label_field]) not in self.labels:
-            raise TaskDataError(f"{self.name}: unknown label {record[self.label_field]!r} at {where}; "
-                                f"valid labels: {', '.join(self.labels)}")
+            return (f"unknown label {record[self.label_field]!r}; valid labels: "
+                    f"{', '.join(self.labels)}")
+        return self.render_problem(record)
 
     def to_example(self, record: dict) -> Example:
         encoded = self.template.format(**record)
@@ -109,13 +110,14 @@ class CustomTask(Task):
         return mezo_example(encoded, [encoded + w for w in self.words], label)
 
     def load(self, data_dir: str | Path | None = None, *, num_train: int = 1000, num_dev: int | None = None,
-             num_test: int | None = 1000, seed: int = 0) -> TaskData:
+             num_test: int | None = 1000, seed: int = 0, skip_bad_rows: bool = False) -> TaskData:
         """As ``Task.load``; ``data_dir`` is unused (the spec names its files)."""
         num_dev = self.num_dev_default if num_dev is None else num_dev
-        train = self._read("train")
-        test = self._read("test") if "test" in self.files else None
+        bad = BadRows(self.name, skip=skip_bad_rows)
+        train = self._read("train", bad)
+        test = self._read("test", bad) if "test" in self.files else None
         if "dev" in self.files:
-            dev = self._read("dev")
+            dev = self._read("dev", bad)
             notes = []
             if test is None:  # test from train first (as for BoolQ), then train from what is left
                 test_idx = sample_subset(len(train), seed, num_test)
@@ -135,8 +137,9 @@ class CustomTask(Task):
                                             num_dev=num_dev, num_test=num_test, seed=seed, no_train_note=note)
             if test is not None:
                 notes.append(f"{self.name}: no dev file; dev is the last {num_dev} of the train draw (MeZO protocol)")
-        return TaskData([self.to_example(r) for r in tr], [self.to_example(r) for r in dv],
-                        [self.to_example(r) for r in te], notes)
+        if bad.note():
+            notes.append(bad.note())
+        return TaskData(tr, dv, te, notes, bad.count)
 
 
 def load_custom_task(spec_or_path: dict[str, Any] | str | Path) -> CustomTask:

@@ -2,14 +2,13 @@
 (optionally, only when no directory is given and ``datasets`` is installed) the Hugging Face Hub."""
 from __future__ import annotations
 
-import csv
 import importlib.util
 import json
 import os
 from pathlib import Path
 from typing import Callable
 
-from zotune.tasks.base import DataNotFoundError, TaskDataError
+from zotune.tasks.base import DataNotFoundError, TaskDataError, label_index  # noqa: F401 (its home was here)
 
 ENV_VAR = "ZOTUNE_DATA"
 HOW_TO_PROVIDE = (f"provide the data with --data-dir DIR or the {ENV_VAR} environment variable, laid out as the "
@@ -43,29 +42,111 @@ def find_files(task: str, data_dir: Path, required: dict[str, str],
     return paths
 
 
-def iter_jsonl(path: Path):
-    """``(line number, record)`` for each non-blank line of a JSON-lines file of objects."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TaskDataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise TaskDataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-            yield lineno, record
+class Rows(list):
+    """The records of a file, and where each came from (``where[i]``: ``path:line``), so that a
+    record that cannot become an example is reported by file and line."""
+
+    def __init__(self, records=(), where=()):
+        super().__init__(records)
+        self.where = list(where)
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    return [record for _, record in iter_jsonl(path)]
+class BadRows:
+    """What happens to a row that cannot be used: an error naming its file, line and what is
+    wrong (the default), or, with ``skip=True`` (``--skip-bad-rows``), it is skipped and counted."""
+
+    def __init__(self, task: str | None = None, skip: bool = False) -> None:
+        self.task, self.skip, self.count, self.first = task, skip, 0, None
+
+    def reject(self, where: str, what: str) -> None:
+        message = f"{where}: {what}" if where else what
+        if not self.skip:
+            prefix = f"{self.task}: " if self.task else ""
+            raise TaskDataError(f"{prefix}{message} (pass --skip-bad-rows to skip such rows)")
+        self.count += 1
+        self.first = self.first or message
+
+    def note(self) -> str | None:
+        """The note of a run that skipped rows, or None."""
+        if not self.count:
+            return None
+        rows = "row" if self.count == 1 else "rows"
+        return (f"{self.task}: skipped {self.count} bad {rows} of the data files (--skip-bad-rows); "
+                f"the first: {self.first}")
 
 
-def read_tsv(path: Path) -> list[dict]:
-    """A headed TSV; GLUE files are unquoted, so quotes are kept as text."""
-    with open(path, encoding="utf-8", newline="") as f:
-        return list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+def _lines(path: Path, bad: BadRows) -> list[str | None]:
+    """The lines of a UTF-8 file without their line ends (``[0]`` is line 1); a line that is not
+    UTF-8 goes to ``bad`` and is None."""
+    raw = Path(path).read_bytes()
+    try:
+        return [line.rstrip("\r") for line in raw.decode("utf-8-sig").split("\n")]
+    except UnicodeDecodeError:
+        pass
+    lines = []
+    for lineno, chunk in enumerate(raw.split(b"\n"), 1):
+        try:
+            lines.append(chunk.decode("utf-8-sig" if lineno == 1 else "utf-8").rstrip("\r"))
+        except UnicodeDecodeError as e:
+            bad.reject(f"{path}:{lineno}", f"not valid UTF-8 (byte 0x{chunk[e.start]:02x} at "
+                                           f"column {e.start + 1})")
+            lines.append(None)
+    return lines
+
+
+def iter_jsonl(path: Path, bad: BadRows | None = None):
+    """``(line number, record)`` for each non-blank line of a JSON-lines file of objects; a line
+    that is not UTF-8, not JSON or not an object goes to ``bad`` (default: an error)."""
+    bad = bad or BadRows()
+    for lineno, line in enumerate(_lines(path, bad), 1):
+        if line is None or not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            end = "" if line.rstrip().endswith("}") else " (the line may be truncated)"
+            bad.reject(f"{path}:{lineno}", f"not valid JSON at column {e.colno}: {e.msg}{end}")
+            continue
+        if not isinstance(record, dict):
+            bad.reject(f"{path}:{lineno}", f"expected a JSON object, got {type(record).__name__}")
+            continue
+        yield lineno, record
+
+
+def read_jsonl(path: Path, bad: BadRows | None = None) -> Rows:
+    """The records of a JSON-lines file, with where each came from (``Rows.where``)."""
+    records, where, name = [], [], str(path)
+    for lineno, record in iter_jsonl(path, bad):
+        records.append(record)
+        where.append(f"{name}:{lineno}")
+    return Rows(records, where)
+
+
+def read_tsv(path: Path, bad: BadRows | None = None) -> Rows:
+    """A headed TSV, with where each record came from (``Rows.where``). GLUE files are unquoted,
+    so quotes are kept as text and a line is a record; a line whose number of fields is not the
+    header's (truncated, a missing or an extra column), or that is not UTF-8, goes to ``bad``
+    (default: an error)."""
+    bad = bad or BadRows()
+    lines = _lines(path, bad)
+    if not lines or not lines[0]:
+        raise TaskDataError(f"{path}:1: expected a header line of tab-separated column names")
+    columns = lines[0].split("\t")
+    n, records, where = len(columns), [], []
+    for lineno, line in enumerate(lines[1:], 2):
+        if not line:
+            continue
+        values = line.split("\t")
+        if len(values) != n:
+            fewer = len(values) < n
+            bad.reject(f"{path}:{lineno}", f"{len(values)} tab-separated field{'s' * (len(values) > 1)}, "
+                       f"{'fewer' if fewer else 'more'} than the header's {n} ({', '.join(columns)})"
+                       + ("; the line may be truncated" if fewer else ""))
+            continue
+        records.append(dict(zip(columns, values)))
+        where.append(lineno)
+    name = str(path)
+    return Rows(records, [f"{name}:{lineno}" for lineno in where])
 
 
 def hub_available() -> bool:
@@ -91,15 +172,3 @@ def hub_splits(task: str, path: str, config: str | None, convert: Callable[[dict
                                 f"({type(e).__name__}: {e}); {HOW_TO_PROVIDE}") from None
     return ([r for rec in loaded[train_split] for r in convert(dict(rec))],
             [r for rec in loaded[valid_split] for r in convert(dict(rec))])
-
-
-def label_index(task: str, record: dict, labels: dict, field: str = "label") -> int:
-    """Candidate index of a record's label (-1 when the record has none, e.g. a test file)."""
-    if field not in record or record[field] is None:
-        return -1
-    value = record[field]
-    key = value.strip() if isinstance(value, str) else value
-    if key not in labels:
-        valid = ", ".join(repr(k) for k in labels)
-        raise TaskDataError(f"{task}: unknown label {value!r} in field {field!r}; valid labels: {valid}")
-    return labels[key]

@@ -11,15 +11,56 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from zotune.tasks.base import Example, Task
-from zotune.tasks.data import find_files, hub_splits
+from zotune.tasks.base import Example, Task, TaskDataError
+from zotune.tasks.data import BadRows, Rows, find_files, hub_splits
 
 
-def _flatten(squad: dict) -> list[dict]:
-    """One record per question, in file order (the order Hugging Face's ``squad`` uses)."""
-    return [{"title": article["title"], "context": para["context"], "question": qa["question"],
-             "answers": [a["text"] for a in qa["answers"]]}
-            for article in squad["data"] for para in article["paragraphs"] for qa in para["qas"]]
+def _flatten(squad: dict, path: Path | str = "", text: str = "", bad: BadRows | None = None) -> list[dict]:
+    """One record per question, in file order (the order Hugging Face's ``squad`` uses). A
+    question, paragraph or article that is not SQuAD's shape goes to ``bad`` (default: an error),
+    named by the file, the line of its id (the official files are one line) and its JSON path."""
+    bad = bad or BadRows("squad")
+    data = squad.get("data") if isinstance(squad, dict) else None
+    if not isinstance(data, list):
+        raise TaskDataError(f"squad: {path}: no 'data' list at the top: not a SQuAD v1.1 file")
+
+    def where(at: str, qa=None, line: bool = True) -> str:
+        """``path:line (json path, id)``; the line (a search of the text) only for errors."""
+        qid = qa.get("id") if isinstance(qa, dict) else None
+        found = text.find(json.dumps(qid)) if line and text and isinstance(qid, str) else -1
+        place = f"{path}:{text.count(chr(10), 0, found) + 1}" if found >= 0 else str(path)
+        return f"{place} ({at}" + (f", id {qid})" if qid is not None else ")")
+
+    out, places = [], []
+    for a, article in enumerate(data):
+        paragraphs = article.get("paragraphs") if isinstance(article, dict) else None
+        title = article.get("title") if isinstance(article, dict) else None
+        if not isinstance(paragraphs, list) or not isinstance(title, str):
+            bad.reject(where(f"data[{a}]"), "an article needs a 'title' string and a 'paragraphs' list")
+            continue
+        for p, para in enumerate(paragraphs):
+            context = para.get("context") if isinstance(para, dict) else None
+            qas = para.get("qas") if isinstance(para, dict) else None
+            if not isinstance(context, str) or not isinstance(qas, list):
+                bad.reject(where(f"data[{a}].paragraphs[{p}]"),
+                           "a paragraph needs a 'context' string and a 'qas' list")
+                continue
+            for q, qa in enumerate(qas):
+                at = f"data[{a}].paragraphs[{p}].qas[{q}]"
+                question = qa.get("question") if isinstance(qa, dict) else None
+                answers = qa.get("answers") if isinstance(qa, dict) else None
+                texts = ([x.get("text") if isinstance(x, dict) else None for x in answers]
+                         if isinstance(answers, list) else [])
+                if not isinstance(question, str) or not question.strip():
+                    bad.reject(where(at, qa), "a question needs a non-empty 'question' string")
+                elif not texts or not all(isinstance(t, str) for t in texts):
+                    bad.reject(where(at, qa), "a question needs a non-empty 'answers' list of "
+                                              "{'text': ...} objects")
+                else:
+                    out.append({"title": title, "context": context, "question": question,
+                                "answers": texts})
+                    places.append(where(at, qa, line=False))
+    return Rows(out, places)
 
 
 def _from_hub(record: dict) -> list[dict]:
@@ -33,16 +74,30 @@ class SQuAD(Task):
     train_objective = "answer_lm"
     metric = "f1"
     num_dev_default = 500
+    fields = ("title", "context", "question")
 
-    def read(self, data_dir: Path | None) -> tuple[list[dict] | None, list[dict]]:
+    def read(self, data_dir: Path | None, bad=None) -> tuple[list[dict] | None, list[dict]]:
         if data_dir is None:
             return hub_splits(self.name, "rajpurkar/squad", None, _from_hub)
         paths = find_files(self.name, data_dir, {"valid": "squad/dev-v1.1.json"},
                            optional={"train": "squad/train-v1.1.json"})
 
         def load(path: Path) -> list[dict]:
-            with open(path, encoding="utf-8") as f:
-                return _flatten(json.load(f))
+            raw = path.read_bytes()
+            try:
+                text = raw.decode("utf-8-sig")
+            except UnicodeDecodeError as e:
+                line = raw.count(b"\n", 0, e.start) + 1
+                raise TaskDataError(f"{self.name}: {path}:{line}: not valid UTF-8 (byte "
+                                    f"0x{raw[e.start]:02x} at byte offset {e.start})") from None
+            try:
+                squad = json.loads(text)
+            except json.JSONDecodeError as e:
+                end = "" if text.rstrip().endswith("}") else " (the file may be truncated)"
+                raise TaskDataError(f"{self.name}: {path}:{e.lineno}:{e.colno}: not valid JSON: "
+                                    f"{e.msg}{end}") from None
+            # A whole file that is not JSON cannot be skipped; a question that is not SQuAD's can.
+            return _flatten(squad, path, text, bad)
 
         return (load(paths["train"]) if "train" in paths else None), load(paths["valid"])
 

@@ -18,14 +18,15 @@ class SST2(Task):
     metric = "accuracy"
     num_dev_default = 500
     words = ("terrible", "great")
+    fields = ("sentence",)
     # GLUE TSV labels are strings; the Hub gives ints.
     labels = {"0": 0, "1": 1, 0: 0, 1: 1}
 
-    def read(self, data_dir: Path | None) -> tuple[list[dict], list[dict]]:
+    def read(self, data_dir: Path | None, bad=None) -> tuple[list[dict], list[dict]]:
         if data_dir is None:
             return hub_splits(self.name, "nyu-mll/glue", "sst2", lambda r: [r])
         paths = find_files(self.name, data_dir, {"train": "sst2/train.tsv", "valid": "sst2/dev.tsv"})
-        return read_tsv(paths["train"]), read_tsv(paths["valid"])
+        return read_tsv(paths["train"], bad), read_tsv(paths["valid"], bad)
 
     def to_example(self, record: dict) -> Example:
         # GLUE sentences end with a space; MeZO strips the sentence before templating.

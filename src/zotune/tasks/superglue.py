@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from zotune.tasks.base import Example, Task, mezo_example
-from zotune.tasks.data import find_files, hub_splits, label_index, read_jsonl
+from zotune.tasks.base import Example, Task, TaskDataError, mezo_example
+from zotune.tasks.data import BadRows, Rows, find_files, hub_splits, label_index, read_jsonl
 
 _NO_YES = {False: 0, True: 1}  # the Hub's 0/1 ints hash like False/True, so both forms match
 
@@ -22,17 +22,18 @@ class _SuperGLUETask(Task):
     labels: dict = {}
     train_optional = False
 
-    def read(self, data_dir: Path | None) -> tuple[list[dict] | None, list[dict]]:
+    def read(self, data_dir: Path | None, bad=None) -> tuple[list[dict] | None, list[dict]]:
         if data_dir is None:
             return hub_splits(self.name, self.hub[0], self.hub[1], self.from_hub)
+        bad = bad or BadRows(self.name)
         train = {"train": f"{self.folder}/train.jsonl"}
         paths = find_files(self.name, data_dir, {"valid": f"{self.folder}/val.jsonl",
                                                  **({} if self.train_optional else train)},
                            optional=train if self.train_optional else None)
-        rows = {k: self.flatten(read_jsonl(p)) for k, p in paths.items()}
+        rows = {k: self.flatten(read_jsonl(p, bad), bad) for k, p in paths.items()}
         return rows.get("train"), rows["valid"]
 
-    def flatten(self, rows: list[dict]) -> list[dict]:
+    def flatten(self, rows: list[dict], bad=None) -> list[dict]:
         return rows
 
     def from_hub(self, record: dict) -> list[dict]:
@@ -47,6 +48,7 @@ class RTE(_SuperGLUETask):
     w in (Yes, No); entailment -> Yes."""
 
     name, folder, hub = "rte", "rte", ("aps/super_glue", "rte")
+    fields = ("premise", "hypothesis")
     words = ("Yes", "No")
     labels = {"entailment": 0, "not_entailment": 1, 0: 0, 1: 1}
 
@@ -60,6 +62,7 @@ class CB(_SuperGLUETask):
     w in (Yes, No, Maybe) for entailment, contradiction, neutral."""
 
     name, folder, hub = "cb", "cb", ("aps/super_glue", "cb")
+    fields = ("premise", "hypothesis")
     num_dev_default = 100
     words = ("Yes", "No", "Maybe")
     labels = {"entailment": 0, "contradiction": 1, "neutral": 2, 0: 0, 1: 1, 2: 2}
@@ -75,6 +78,8 @@ class BoolQ(_SuperGLUETask):
     ``boolq/train.jsonl`` is used when present; the reference data here has only ``val.jsonl``."""
 
     name, folder, hub = "boolq", "boolq", ("google/boolq", None)
+    fields = ("question", "passage")
+    check_renders = True
     words = ("Yes", "No")
     labels = {True: 0, False: 1}
     train_optional = True
@@ -83,6 +88,8 @@ class BoolQ(_SuperGLUETask):
         return [{"question": record["question"], "passage": record["passage"], "label": record["answer"]}]
 
     def to_example(self, r: dict) -> Example:
+        if not r["question"].strip():
+            raise TaskDataError("field 'question' is empty")
         question = r["question"] if r["question"].endswith("?") else r["question"] + "?"
         question = question[0].upper() + question[1:]
         return self.with_words(f"{r['passage']} {question}\n", r)
@@ -94,6 +101,8 @@ class WSC(_SuperGLUETask):
     MeZO reads Hugging Face's ``wsc.fixed``, so the official files' spans get the same repair."""
 
     name, folder, hub = "wsc", "wsc", ("aps/super_glue", "wsc.fixed")
+    fields = ("text",)
+    check_renders = True
     words = ("No", "Yes")
     labels = _NO_YES
     # wsc.fixed leaves these alone: the subjects have intervening text, nothing to repair.
@@ -121,6 +130,7 @@ class WiC(_SuperGLUETask):
     Yes, No?\\n{sentence1}\\n{sentence2}\\n" + w``, w in (No, Yes), true -> Yes."""
 
     name, folder, hub = "wic", "wic", ("aps/super_glue", "wic")
+    fields = ("word", "sentence1", "sentence2")
     words = ("No", "Yes")
     labels = _NO_YES
 
@@ -135,14 +145,30 @@ class MultiRC(_SuperGLUETask):
     Yes or No?\\n" + w``, w in (No, Yes), 1 -> Yes. Scored by per-row accuracy, as in MeZO."""
 
     name, folder, hub = "multirc", "multirc", ("aps/super_glue", "multirc")
+    fields = ("paragraph", "question", "answer")
     words = ("No", "Yes")
     labels = _NO_YES
 
-    def flatten(self, rows: list[dict]) -> list[dict]:
+    def flatten(self, rows: list[dict], bad=None) -> list[dict]:
         # Same order as Hugging Face's flattening: paragraph, then question, then answer.
-        return [{"paragraph": row["passage"]["text"], "question": q["question"], "answer": a["text"],
-                 **({"label": a["label"]} if "label" in a else {})}
-                for row in rows for q in row["passage"]["questions"] for a in q["answers"]]
+        bad = bad or BadRows(self.name)
+        out, where = [], []
+        for i, row in enumerate(rows):
+            place = rows.where[i] if getattr(rows, "where", None) else f"records[{i}]"
+            try:
+                flat = [({"paragraph": row["passage"]["text"], "question": q["question"],
+                          "answer": a["text"], **({"label": a["label"]} if "label" in a else {})},
+                         f"{place} (question {i + 1}, answer {j + 1})")
+                        for i, q in enumerate(row["passage"]["questions"])
+                        for j, a in enumerate(q["answers"])]
+            except (KeyError, TypeError) as e:
+                what = f"missing field {e.args[0]!r}" if isinstance(e, KeyError) else str(e)
+                bad.reject(place, f"not a MultiRC record (passage.text, passage.questions[].question, "
+                                  f".answers[].text): {what}")
+                continue
+            out += [record for record, _ in flat]
+            where += [w for _, w in flat]
+        return Rows(out, where)
 
     def to_example(self, r: dict) -> Example:
         return self.with_words(f"{r['paragraph']}\nQuestion: {r['question']}\nI found this answer "
@@ -158,12 +184,17 @@ class COPA(_SuperGLUETask):
     kind = "multiple_choice"
     train_objective = "answer_lm"
     num_dev_default = 100
+    fields = ("premise", "choice1", "choice2", "question")
+    check_renders = True
     labels = {0: 0, 1: 1}
 
     def to_example(self, r: dict) -> Example:
         premise = r["premise"].rstrip()
         premise = premise[:-1] if premise.endswith(".") else premise
-        conjunction = {"effect": " so ", "cause": " because "}[r["question"]]
+        conjunctions = {"effect": " so ", "cause": " because "}
+        if r["question"] not in conjunctions:
+            raise TaskDataError(f"field 'question' must be 'effect' or 'cause', got {r['question']!r}")
+        conjunction = conjunctions[r["question"]]
         encoded = premise + conjunction
 
         def lower_first(choice: str) -> str:
