@@ -174,7 +174,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
         raise ZotuneError(f"{out} already holds a run ({previous.name}); pass --resume to continue "
                           "it or choose another --output-dir")
     # Flat, as zotune 0.1 wrote it (old tools keep reading it); nested YAML is read all the same.
-    _write_json(out / "config.json", cfg.flat())
+    _write_json(out / "config.json", cfg.saved())
 
     task = load_task(cfg)
     data = task.load(d.data_dir, num_train=d.num_train, num_dev=d.num_dev, num_test=d.num_test,
@@ -202,7 +202,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
     state = RunState()
     metrics_path = out / "metrics.jsonl"
     if resume:
-        saved_state, opt_state = checkpoint.load(previous, params)
+        saved_state, opt_state = checkpoint.load_latest(out, params)  # the one before if unreadable
         opt.load_state_dict(opt_state)
         state = RunState(**saved_state)
         _truncate_metrics(metrics_path, state.step)

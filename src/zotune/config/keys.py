@@ -40,6 +40,7 @@ class Leaf:
     default: object
     help: str
     resume: object  # FIXED, FREE or check(saved, new) -> reason or None
+    added: bool = False  # added after zotune 0.1 (config.json holds it only when not default)
 
     @property
     def dotted(self) -> str:
@@ -74,7 +75,7 @@ def _walk(cls, path: tuple[str, ...], sections: dict, leaves: list) -> None:
             raise TypeError(f"unsupported config field type {typ} of {'.'.join(path + (f.name,))}")
         leaves.append(Leaf(path + (f.name,), f.metadata.get("flat", cls.flat_prefix + f.name),
                            kinds[0], len(args) > 1, f.default, f.metadata["help"],
-                           f.metadata["resume"]))
+                           f.metadata["resume"], f.metadata.get("added", False)))
 
 
 SECTIONS: dict[tuple[str, ...], type] = {}

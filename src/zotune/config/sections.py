@@ -41,12 +41,14 @@ FREE = "free"
 """The setting changes where or how often things are written, not the trajectory."""
 
 
-def setting(default, help: str, *, resume=FIXED, flat: str | None = None):
+def setting(default, help: str, *, resume=FIXED, flat: str | None = None, added: bool = False):
     """A config field: ``default``; ``help`` (the flag's help text); ``resume``: ``FIXED`` (may
     not change on resume; the default, so that a new field is safe until declared otherwise),
     ``FREE``, or ``check(saved, new) -> reason or None`` for a field that may change only in some
-    runs; ``flat``: its flat name, when not the family prefix + the field name."""
-    metadata = {"help": help, "resume": resume}
+    runs; ``flat``: its flat name, when not the family prefix + the field name; ``added``: True
+    for a setting added after zotune 0.1 (config.json holds it only where it is not at its
+    default: ``TrainConfig.saved``)."""
+    metadata = {"help": help, "resume": resume, "added": added}
     if flat is not None:
         metadata["flat"] = flat
     return field(default=default, metadata=metadata)
@@ -267,6 +269,9 @@ class RunConfig:
     eval_every: int = setting(100, "dev evaluation interval (steps)", resume=FREE)
     max_time: float | None = setting(None, "stop (with a checkpoint) after this many seconds",
                                      resume=FREE)
+    keep_checkpoints: int = setting(2, "step checkpoints kept, newest first (--resume falls back to "
+                                    "an older one when the newest is unreadable)", resume=FREE,
+                                    added=True)
 
 
 @component
@@ -311,6 +316,15 @@ class TrainConfig:
         from .keys import LEAVES
 
         return {leaf.flat: leaf.get(self) for leaf in LEAVES}
+
+    def saved(self) -> dict:
+        """What a run's config.json holds: every setting by flat name, as zotune 0.1 wrote it, and
+        a setting added since (``setting(added=True)``) only where it is not at its default, so
+        that the file of a run that does not use it still reads in older versions."""
+        from .keys import LEAVES
+
+        return {leaf.flat: leaf.get(self) for leaf in LEAVES
+                if not leaf.added or leaf.get(self) != leaf.default}
 
     def resolved(self) -> "TrainConfig":
         """A copy with lr and eps filled in from the trainable scheme, validated."""
@@ -360,6 +374,8 @@ class TrainConfig:
             raise ZotuneError(f"eps must be > 0, got {method.eps}")
         if method.weight_decay < 0:
             raise ZotuneError(f"weight_decay must be >= 0, got {method.weight_decay}")
+        if not _positive_int(run.keep_checkpoints):
+            raise ZotuneError(f"keep_checkpoints must be an integer >= 1, got {run.keep_checkpoints!r}")
         if run.max_time is not None and run.max_time <= 0:
             raise ZotuneError(f"max_time must be > 0 seconds, got {run.max_time}")
         if method.schedule != "constant" and method.warmup_steps >= run.steps:
