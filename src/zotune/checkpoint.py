@@ -7,15 +7,30 @@ loop's state (``state.json``). It is written under a temporary name and renamed 
 ``latest`` pointer file is then replaced atomically, and only after that is the previous checkpoint
 removed. At every instant, ``latest`` names a complete checkpoint.
 
+The last ``keep`` checkpoints are kept (``run.keep_checkpoints``, default 2): when the newest is
+unreadable, ``--resume`` falls back to the one before it with a warning (:func:`load_latest`).
+Everything is saved in the parameters' own dtype: step checkpoints because exact resume needs
+every bit, and ``best/`` because the summary's test number is computed from it and ``zotune eval``
+reproduces that number and the logged best dev score. A step checkpoint written right after
+``best/`` (the same parameters) hard-links ``best/``'s parameter file instead of a second copy.
+Files are only ever written under a temporary name and renamed, never rewritten in place, so the
+two names of a linked file cannot diverge.
+
+A save stopped half-way (a second Ctrl-C or SIGTERM, a crash) leaves a ``*.tmp`` directory, or a
+``*.old`` one when it was replacing a checkpoint of the same name; :func:`clean`, run at the next
+start, removes the first and puts the second back when nothing replaced it.
+
 Layout of a run directory::
 
-    config.json  metrics.jsonl  summary.json  curves.png
+    config.json  metrics.jsonl  summary.json  curves.png  run.lock (while a run is going on)
     checkpoints/latest           name of the newest complete checkpoint
     checkpoints/step-0000100/    {trainable.safetensors, optimizer.pt, state.json}
+    checkpoints/step-0000200/    the newest; ``latest`` names it
     best/                        the best-dev trainable parameters and their state.json
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -33,13 +48,24 @@ class CheckpointError(ZotuneError):
     """A checkpoint that is missing, corrupt or does not match the model."""
 
 
+PARAMS = "trainable.safetensors"
+_STEP = re.compile(r"^step-(\d+)$")
+
+
 def _write_dir(final: Path, params: dict[str, torch.Tensor], state: dict,
-               optimizer_state: dict | None) -> None:
+               optimizer_state: dict | None, share: Path | None = None) -> None:
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in params.items()},
-              str(tmp / "trainable.safetensors"))
+    linked = False
+    if share is not None:
+        try:
+            os.link(share, tmp / PARAMS)
+            linked = True
+        except OSError:  # no hard links on this filesystem (or across filesystems): a copy
+            pass
+    if not linked:
+        save_file({k: v.detach().contiguous().cpu() for k, v in params.items()}, str(tmp / PARAMS))
     if optimizer_state is not None:
         torch.save(optimizer_state, tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
@@ -56,38 +82,139 @@ def _write_dir(final: Path, params: dict[str, torch.Tensor], state: dict,
         os.replace(tmp, final)
 
 
+def _step_of(path: Path) -> int | None:
+    found = _STEP.match(path.name)
+    return int(found.group(1)) if found else None
+
+
 def save(run_dir: Path, step: int, params: dict[str, torch.Tensor], state: dict,
-         optimizer_state: dict) -> Path:
-    """Write checkpoint ``step`` and point ``latest`` at it; then drop older checkpoints."""
+         optimizer_state: dict, *, keep: int = 2, share: Path | None = None) -> Path:
+    """Write checkpoint ``step`` and point ``latest`` at it; then keep it and the ``keep - 1``
+    checkpoints before it and drop the others (also any after it: the leftovers of a run resumed
+    from an older checkpoint). ``share``: a parameter file holding exactly ``params`` (``best/``'s,
+    just written), hard-linked instead of written again."""
+    if not (isinstance(keep, int) and keep >= 1):
+        raise ValueError(f"keep must be an integer >= 1, got {keep!r}")
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
-    _write_dir(final, params, state, optimizer_state)
+    _write_dir(final, params, state, optimizer_state, share)
     pointer = root / "latest.tmp"
     pointer.write_text(final.name)
     os.replace(pointer, root / "latest")
-    for old in root.glob("step-*"):
-        if old.name != final.name and not old.name.endswith(".tmp"):
+    older = sorted((p for p in root.iterdir() if p.is_dir() and (s := _step_of(p)) is not None
+                    and s < step), key=_step_of, reverse=True)
+    kept = {final.name} | {p.name for p in older[: keep - 1]}
+    for old in root.iterdir():
+        if old.is_dir() and _step_of(old) is not None and old.name not in kept:
             shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 def save_best(run_dir: Path, params: dict[str, torch.Tensor], state: dict) -> Path:
-    """Replace the best-dev parameters (no optimizer state: they are for evaluation)."""
+    """Replace the best-dev parameters (no optimizer state: they are for evaluation; in the
+    parameters' own dtype, so that evaluating them gives the logged numbers exactly)."""
     final = Path(run_dir) / "best"
     _write_dir(final, params, state, None)
     return final
 
 
+def _warn(message: str) -> None:
+    from . import progress
+
+    progress.warn(message)
+
+
+def _complete(path: Path) -> bool:
+    """Whether a checkpoint directory holds a readable state.json (written last, before the
+    rename that completes it)."""
+    try:
+        json.loads((path / "state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (path / PARAMS).exists()
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """The complete step checkpoints of a run: the one ``latest`` names first, then the others,
+    newest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = sorted((p for p in root.iterdir() if p.is_dir() and _step_of(p) is not None
+                    and _complete(p)), key=_step_of, reverse=True)
+    pointer = root / "latest"
+    named = pointer.read_text().strip() if pointer.exists() else None
+    return sorted(found, key=lambda p: p.name != named)  # stable: the rest stay newest first
+
+
 def latest(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint of a run, or None."""
+    """The newest complete checkpoint of a run (the one ``latest`` names; if that one is
+    incomplete, the newest complete one, with a warning), or None when the run has none."""
     pointer = Path(run_dir) / "checkpoints" / "latest"
     if not pointer.exists():
         return None
     path = pointer.parent / pointer.read_text().strip()
-    if not (path / "state.json").exists():
-        raise CheckpointError(f"checkpoint pointer {pointer} names {path.name}, which is incomplete")
-    return path
+    if _complete(path):
+        return path
+    found = checkpoints(run_dir)
+    if not found:
+        raise CheckpointError(f"checkpoint pointer {pointer} names {path.name}, which is incomplete,"
+                              " and there is no other checkpoint")
+    _warn(f"checkpoint pointer {pointer} names {path.name}, which is incomplete; using "
+          f"{found[0].name}")
+    return found[0]
+
+
+def load_latest(run_dir: Path, model_params: dict[str, torch.nn.Parameter]) -> tuple[dict, dict | None]:
+    """:func:`load` the newest checkpoint of a run that reads; when the newest does not, fall
+    back to the one before it (``run.keep_checkpoints``) with a warning. When none reads, the
+    newest's error."""
+    found = checkpoints(run_dir)
+    if not found:
+        latest(run_dir)  # raises on a pointer to an incomplete checkpoint
+        raise CheckpointError(f"no checkpoint in {Path(run_dir) / 'checkpoints'}")
+    first_error = None
+    for i, path in enumerate(found):
+        try:
+            loaded = load(path, model_params)
+        except CheckpointError as exc:
+            first_error = first_error or exc
+            if i + 1 < len(found):
+                _warn(f"{exc}; resuming from the checkpoint before it, {found[i + 1].name}")
+            continue
+        return loaded
+    raise first_error
+
+
+def clean(run_dir: Path) -> list[str]:
+    """Tidy what a save stopped half-way left (see the module docstring): remove ``*.tmp``
+    checkpoint directories and files, put back a ``*.old`` directory whose replacement never
+    arrived, remove the other ``*.old`` ones. Run it only while holding the run's lock. Returns
+    what it did, one line each (also printed as warnings for directories)."""
+    run_dir = Path(run_dir)
+    root = run_dir / "checkpoints"
+    done = []
+    dirs = ([p for p in root.iterdir() if p.name.startswith("step-")] if root.is_dir() else [])
+    dirs += [run_dir / "best.tmp", run_dir / "best.old"]
+    for path in dirs:
+        if not path.is_dir() or path.suffix not in (".tmp", ".old"):
+            continue
+        final = path.with_suffix("")
+        if path.suffix == ".old" and not final.exists():
+            os.replace(path, final)
+            done.append(f"restored {final} from {path.name}, left by a save that was stopped")
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+            if path.suffix == ".tmp":
+                done.append(f"removed {path}, an incomplete checkpoint left by a save that was "
+                            "stopped")
+    for line in done:
+        _warn(line)
+    for name in ("checkpoints/latest.tmp", "config.json.tmp", "summary.json.tmp", "curves.png.tmp.png"):
+        with contextlib.suppress(FileNotFoundError):
+            (run_dir / name).unlink()
+    return done
 
 
 def load(path: Path, model_params: dict[str, torch.nn.Parameter]) -> tuple[dict, dict | None]:

@@ -8,7 +8,8 @@
     zotune list
 
 Every user mistake ends with one line ``zotune: error: ...`` and exit code 2 (set ZOTUNE_DEBUG=1
-for the traceback); Ctrl-C saves a checkpoint and exits with 130.
+for the traceback); Ctrl-C (exit 130) and SIGTERM (exit 143) save a checkpoint after the current
+step (a second one stops at once) and say what there is to resume.
 """
 from __future__ import annotations
 
@@ -272,13 +273,32 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+def _stopped_message(stop: KeyboardInterrupt) -> str:
+    """What is true after Ctrl-C or SIGTERM: which checkpoint there is to resume from, if any
+    (``zotune train`` sets ``checkpoint`` and ``saved`` on the exception)."""
+    what = {"terminated": "terminated (SIGTERM)"}.get(getattr(stop, "status", None), "interrupted")
+    if not hasattr(stop, "checkpoint"):
+        return what
+    path = stop.checkpoint
+    if path is None:
+        return (f"{what} before the first checkpoint: nothing was saved, so there is nothing to "
+                "resume; run the command again (without --resume) to start over")
+    run_dir = Path(path).parent.parent
+    step = path.name.split("-")[-1].lstrip("0") or "0"
+    if stop.saved:
+        return (f"{what}; the checkpoint at step {step} is saved, continue with --resume "
+                f"--output-dir {run_dir}")
+    return (f"{what} at once, without saving; the last complete checkpoint (step {step}) is kept, "
+            f"continue from it with --resume --output-dir {run_dir}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.func(args)
-    except KeyboardInterrupt:
-        print("zotune: interrupted; the last checkpoint is saved, continue with --resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:
+        print(f"zotune: {_stopped_message(stop)}", file=sys.stderr)
+        return getattr(stop, "exit_code", 130)
     except (ZotuneError, ValueError, FileNotFoundError) as exc:
         if os.environ.get("ZOTUNE_DEBUG"):
             raise

@@ -125,11 +125,13 @@ class ZOOptimizer(torch.optim.Optimizer):
         if query.batch is not None and self.search_closures is not None:
             found = self.search_closures(self.core.step, query.batch[1])
             fns = list(found) if isinstance(found, (list, tuple)) else [found]
-        self.core.forward_passes += len(fns) * query.num_points
         if query.kind == "grad":
-            return gradient_of(lambda: sum(fn() for fn in fns) / len(fns), self.core.engine, query.wrt)
-        # a lone objective reaches the engine as it is (an engine may drive a structured one)
-        return Losses(self.evaluate(query, fns[0] if len(fns) == 1 else MicroBatches(fns)))
+            answer = gradient_of(lambda: sum(fn() for fn in fns) / len(fns), self.core.engine, query.wrt)
+        else:  # a lone objective reaches the engine as it is (an engine may drive a structured one)
+            answer = Losses(self.evaluate(query, fns[0] if len(fns) == 1 else MicroBatches(fns)))
+        # counted once answered: a query stopped half-way (Ctrl-C) is asked again on resume
+        self.core.forward_passes += len(fns) * query.num_points
+        return answer
 
     def flush(self) -> None:
         """Apply a deferred update and remove any perturbation: parameters are then exactly the

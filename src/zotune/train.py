@@ -9,11 +9,15 @@ The settings are a ``TrainConfig`` (``zotune.config``): ``cfg.model``, ``cfg.dat
 
 Exact resume: batches are a function of (seed, step) and the optimizer's random numbers of
 (seed, step, probe, tensor, chunk), so a run resumed from a checkpoint follows the uninterrupted
-run bitwise. Ctrl-C and ``max_time`` save a checkpoint before stopping.
+run bitwise. Ctrl-C, SIGTERM and ``max_time`` save a checkpoint before stopping (a signal lets the
+current step finish first; see ``stopping``); one run at a time holds a run directory
+(``run_lock``); the last ``run.keep_checkpoints`` checkpoints are kept (``checkpoint``); phase lines,
+bars and the ETA go to stderr (``progress``).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -25,7 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint, rng
+from . import checkpoint, rng, run_lock, stopping
+from . import progress as prog  # (`progress` is train()'s flag)
 from .config import DEFAULT_EPS, DEFAULT_LR, OBJECTIVES, TRAINABLE, TrainConfig, resume_conflicts
 from .errors import ZotuneError
 from .optim import ZOOptimizer
@@ -38,7 +43,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def load_task(cfg: TrainConfig):
     from .tasks import get_task, load_custom_task
-    return load_custom_task(cfg.data.task_file) if cfg.data.task_file else get_task(cfg.data.task)
+    d = cfg.data
+    where = "" if d.task_file else f" from {d.data_dir or os.environ.get('ZOTUNE_DATA', '$ZOTUNE_DATA')}"
+    prog.phase(f"loading data: {d.task_file or d.task}{where}")
+    return load_custom_task(d.task_file) if d.task_file else get_task(d.task)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -60,6 +68,7 @@ def build(cfg: TrainConfig, task):
     from .objectives import CandidateScorer
 
     m = cfg.model
+    prog.phase(f"loading the model: {m.name} ({m.dtype}, {m.trainable} parameters train)")
     model, tokenizer = load_model(m.name, dtype=DTYPES[m.dtype])
     model.to(resolve_device(m.device))
     model = select_trainable(model, m.trainable, pattern=m.pattern, lora_r=m.lora_r,
@@ -91,16 +100,31 @@ def objective_fn(cfg: TrainConfig, task, scorer):
     return f1_loss
 
 
-def evaluate(scorer, task, examples, batch_size: int = 32) -> float:
-    """Accuracy (or SQuAD F1) in percent on ``examples``."""
+GENERATION_BATCH = 8
+"""Prompts per batch of greedy generation (F1 tasks) in :func:`evaluate`."""
+
+
+def evaluate(scorer, task, examples, batch_size: int = 32, desc: str | None = None) -> float:
+    """Accuracy (or SQuAD F1) in percent on ``examples``, with a progress bar (``desc``) when a
+    run's progress is on. Batches are the same as in one call over all examples, so the number
+    does not depend on the bar."""
     from .tasks.metrics import accuracy, max_f1
 
     if not examples:
         return float("nan")
+    report = prog.current()
+    chunk = GENERATION_BATCH if task.metric == "f1" else batch_size
+    preds = []
+    with prog.timed(report.eval_time, len(examples)), report.eval_bar(len(examples), desc) as bar:
+        for start in range(0, len(examples), chunk):
+            part = examples[start:start + chunk]
+            if task.metric == "f1":
+                preds += scorer.generate(part, batch_size=chunk)
+            else:
+                preds += scorer.predict(part, batch_size=batch_size)
+            bar.update(len(part))
     if task.metric == "f1":
-        preds = scorer.generate(examples)
         return 100 * sum(max_f1(p, ex.answers) for p, ex in zip(preds, examples)) / len(examples)
-    preds = scorer.predict(examples, batch_size=batch_size)
     return 100 * accuracy(preds, [ex.label for ex in examples])
 
 
@@ -147,12 +171,40 @@ class RunState:
     wall_time: float = 0.0
     forward_passes: int = 0
     last_dev: float | None = None
+    random_numbers: float = 0.0  # drawn so far, over every session of the run
+    eval_due: bool = False  # the dev evaluation of ``step`` has not run yet (stopped during it)
 
 
+def _one_run_per_directory(run):
+    """``train``'s frame. The settings are validated first (a bad one creates no directory); then,
+    for the life of the run: the exclusive lock of the run directory (``run_lock``; a second run
+    there is refused), SIGINT/SIGTERM handling (``stopping``), the phase lines and bars
+    (``progress``), and before anything else the cleanup of what a stopped save left
+    (``checkpoint.clean``). A stopped run's exception says which checkpoint is there."""
+
+    @functools.wraps(run)
+    def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> dict:
+        out = Path(cfg.resolved().run.output_dir)
+        report = prog.Progress(enabled=progress)
+        with stopping.handling(), prog.active(report):
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+                with run_lock.hold(out, warn=report.warn):
+                    checkpoint.clean(out)
+                    return run(cfg, resume=resume, progress=progress)
+            except KeyboardInterrupt as stop:
+                try:
+                    stop.checkpoint = checkpoint.latest(out)
+                except checkpoint.CheckpointError:
+                    stop.checkpoint = None
+                stop.saved = getattr(stop, "saved", False)
+                raise
+    return train
+
+
+@_one_run_per_directory
 def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> dict:
     """Run (or resume) a training run described by ``cfg``; return its summary."""
-    from tqdm.auto import tqdm
-
     cfg = cfg.resolved()
     d, method, r = cfg.data, cfg.method, cfg.run
     if not progress:
@@ -197,7 +249,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
     state = RunState()
     metrics_path = out / "metrics.jsonl"
     if resume:
-        saved_state, opt_state = checkpoint.load(previous, params)
+        saved_state, opt_state = checkpoint.load_latest(out, params)  # the one before if unreadable
         opt.load_state_dict(opt_state)
         state = RunState(**saved_state)
         _write_json(out / "config.json", cfg.saved())  # only now: a refused resume leaves it as it was
@@ -206,60 +258,116 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
         metrics_path.write_text("")
         for note in data.notes:
             print(f"note: {note}")
-        state.zero_shot = {"dev": evaluate(scorer, task, dev, d.eval_batch_size),
-                           "test": evaluate(scorer, task, data.test, d.eval_batch_size)}
+        prog.phase(f"zero-shot evaluation on {len(dev)} dev + {len(data.test)} test examples")
+        state.zero_shot = {"dev": evaluate(scorer, task, dev, d.eval_batch_size, desc="zero-shot dev"),
+                           "test": evaluate(scorer, task, data.test, d.eval_batch_size,
+                                            desc="zero-shot test")}
         _log(metrics_path, {"step": 0, "dev": state.zero_shot["dev"], "test": state.zero_shot["test"],
                             "zero_shot": True})
 
     sampler = BatchSampler(len(data.train), d.batch_size, r.seed)
+    opt.engine.numbers_drawn += state.random_numbers  # counted over every session of the run
     start_time = time.perf_counter() - state.wall_time
     window: list[float] = []
     status = "completed"
-    bar = tqdm(total=r.steps, initial=state.step, disable=not progress, desc=f"{task.name} {method.name}",
-               dynamic_ncols=True)
+    report, signals = prog.current(), stopping.current()
+    saved_at = state.step if resume else None  # the step of the newest checkpoint on disk
+    prog.phase(f"training: steps {state.step + 1}-{r.steps}" + (f" (resumed at step {state.step})"
+               if resume else "") + f", dev evaluation every {r.eval_every} steps on {len(dev)} "
+               "examples")
+    bar = report.train_bar(r.steps, state.step, f"{task.name} {method.name}")
+    shown: dict = {}
 
-    def save_checkpoint():
+    def show() -> None:
+        parts = [report.eta_text(step=state.step, steps=r.steps, eval_every=r.eval_every,
+                                 dev_examples=len(dev), test_examples=len(data.test),
+                                 eval_due=state.eval_due)]
+        if "loss" in shown:
+            parts.append(f"loss={shown['loss']:.4f}")
+        if state.last_dev is not None:
+            parts.append(f"dev={state.last_dev:.1f}")
+        bar.set_postfix_str(", ".join(parts), refresh=False)
+
+    def save_checkpoint(share: Path | None = None) -> None:
+        nonlocal saved_at
         opt.flush()
         state.wall_time = time.perf_counter() - start_time
         state.forward_passes = opt.forward_passes
-        checkpoint.save(out, state.step, params, dataclasses.asdict(state), opt.state_dict())
+        state.random_numbers = opt.engine.numbers_drawn
+        with prog.timed(report.checkpoint_time):
+            checkpoint.save(out, state.step, params, dataclasses.asdict(state), opt.state_dict(),
+                            keep=r.keep_checkpoints, share=share)
+        saved_at = state.step
+
+    def dev_evaluation() -> None:
+        opt.flush()
+        prog.phase(f"evaluation at step {state.step} on {len(dev)} dev examples")
+        value = evaluate(scorer, task, dev, d.eval_batch_size, desc=f"dev at step {state.step}")
+        with signals.deferred():  # best/, the state, the log line and the checkpoint agree
+            best = None
+            if state.best_dev is None or value > state.best_dev:
+                best = checkpoint.save_best(out, params, {"step": state.step, "dev": value})
+                state.best_dev, state.best_step = value, state.step
+            state.last_dev, state.eval_due = value, False
+            _log(metrics_path, {"step": state.step, "dev": value})
+            save_checkpoint(share=best / checkpoint.PARAMS if best is not None else None)
+        signals.check()
 
     try:
-        while state.step < r.steps:
-            batch = [data.train[i] for i in sampler.indices(state.step)]
-            loss = opt.step(lambda: loss_of(batch))
-            state.step += 1
-            window.append(loss)
-            bar.update(1)
-            if state.step % r.log_every == 0 or state.step == r.steps:
-                finite = [v for v in window if math.isfinite(v)]
-                _log(metrics_path, {"step": state.step, "loss": sum(finite) / max(1, len(finite)),
-                                    "lr": opt.current_lr(), "elapsed": time.perf_counter() - start_time,
-                                    "forward_passes": opt.forward_passes,
-                                    "skipped_steps": opt.skipped_steps})
-                bar.set_postfix(loss=f"{window[-1]:.4f}", dev=state.last_dev)
-                window = []
-            if state.step % r.eval_every == 0 or state.step == r.steps:
-                opt.flush()
-                state.last_dev = evaluate(scorer, task, dev, d.eval_batch_size)
-                _log(metrics_path, {"step": state.step, "dev": state.last_dev})
-                if state.best_dev is None or state.last_dev > state.best_dev:
-                    state.best_dev, state.best_step = state.last_dev, state.step
-                    checkpoint.save_best(out, params, {"step": state.step, "dev": state.last_dev})
-                save_checkpoint()
+        while True:
+            if state.eval_due:
+                dev_evaluation()
+                show()
+                bar.refresh()
+            if state.step >= r.steps:
+                break
             if r.max_time and time.perf_counter() - start_time > r.max_time:
                 status = "max_time"
-                save_checkpoint()
+                with signals.deferred():
+                    if saved_at != state.step:
+                        save_checkpoint()
+                signals.check()
                 break
-    except KeyboardInterrupt:
+            batch = [data.train[i] for i in sampler.indices(state.step)]
+            # A first signal lets the step finish: it moves parameters on a thread pool and
+            # leaves them perturbed in between (see stopping.py).
+            with signals.deferred():
+                with prog.timed(report.step_time):
+                    loss = opt.step(lambda: loss_of(batch))
+                state.step += 1
+                state.eval_due = state.step % r.eval_every == 0 or state.step == r.steps
+                window.append(loss)
+                shown["loss"] = loss
+                if state.step % r.log_every == 0 or state.step == r.steps:
+                    finite = [v for v in window if math.isfinite(v)]
+                    _log(metrics_path, {"step": state.step, "loss": sum(finite) / max(1, len(finite)),
+                                        "lr": opt.current_lr(), "elapsed": time.perf_counter() - start_time,
+                                        "forward_passes": opt.forward_passes,
+                                        "skipped_steps": opt.skipped_steps})
+                    window = []
+            show()
+            bar.update(1)
+            signals.check()
+    except KeyboardInterrupt as stop:  # Ctrl-C, SIGTERM (stopping.RunStopped) or raised by a caller
         bar.close()
-        save_checkpoint()
-        _finish(out, cfg, state, opt, task, scorer, data, params, start_time, "interrupted",
-                final_eval=False)
+        if not getattr(stop, "immediate", False):  # a second signal: the last checkpoint stays
+            if saved_at != state.step:
+                save_checkpoint()
+            stop.saved = True
+            _finish(out, cfg, state, opt, task, scorer, data, params, start_time,
+                    getattr(stop, "status", "interrupted"), final_eval=False)
         raise
     bar.close()
     opt.flush()
-    return _finish(out, cfg, state, opt, task, scorer, data, params, start_time, status, final_eval=True)
+    try:
+        return _finish(out, cfg, state, opt, task, scorer, data, params, start_time, status,
+                       final_eval=True)
+    except KeyboardInterrupt as stop:  # during the test evaluation: --resume runs it again
+        if not getattr(stop, "immediate", False):
+            stop.saved = True
+            _finish(out, cfg, state, opt, task, scorer, data, params, start_time,
+                    getattr(stop, "status", "interrupted"), final_eval=False)
+        raise
 
 
 def _check_resume(out: Path, previous: Path, cfg: TrainConfig) -> None:
@@ -288,7 +396,9 @@ def _finish(out, cfg, state, opt, task, scorer, data, params, start_time, status
     test = None
     if final_eval and (out / "best").exists():
         checkpoint.load(out / "best", params)
-        test = evaluate(scorer, task, data.test, cfg.data.eval_batch_size)
+        prog.phase(f"test evaluation of the best-dev parameters (step {state.best_step}) on "
+                   f"{len(data.test)} examples")
+        test = evaluate(scorer, task, data.test, cfg.data.eval_batch_size, desc="test")
         _log(out / "metrics.jsonl", {"step": state.best_step, "test": test, "best_dev_checkpoint": True})
     summary = {"task": task.name, "model": cfg.model.name, "method": cfg.method.name,
                "direction": opt.direction.name, "trainable": cfg.model.trainable,
@@ -297,12 +407,17 @@ def _finish(out, cfg, state, opt, task, scorer, data, params, start_time, status
                "final_dev": state.last_dev, "test": test, "steps": state.step,
                "wall_time_s": state.wall_time, "forward_passes": opt.forward_passes,
                "random_numbers": opt.engine.numbers_drawn, "skipped_steps": opt.skipped_steps, "peak_rss_gib": _peak_rss_gib(),
-               "train_examples": len(data.train), "dev_examples": len(data.dev),
+               "train_examples": len(data.train), "dev_examples": len(_dev_set(cfg, data)),
                "test_examples": len(data.test), "skipped_rows": data.skipped_rows, "notes": data.notes}
     _write_json(out / "summary.json", summary)
     plot_curves(out / "metrics.jsonl", out / "curves.png",
                 title=f"{task.name} / {cfg.model.name} / {cfg.method.name}")
     return summary
+
+
+def _dev_set(cfg: TrainConfig, data):
+    """The dev examples a run evaluates (``--eval-dev N``: the first N)."""
+    return data.dev[: cfg.data.eval_dev] if cfg.data.eval_dev else data.dev
 
 
 def _log(path: Path, record: dict) -> None:
@@ -311,9 +426,11 @@ def _log(path: Path, record: dict) -> None:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop log lines written after the checkpoint being resumed (they will be written again)."""
+    """Drop log lines written after the checkpoint being resumed, and the test line of an
+    earlier completion (they will be written again)."""
     if not path.exists():
         return
     keep = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
+            if line.strip() and json.loads(line).get("step", 0) <= step
+            and not json.loads(line).get("best_dev_checkpoint")]
     path.write_text("".join(line + "\n" for line in keep))

@@ -366,6 +366,9 @@ class RunConfig:
     eval_every: int = setting(100, "dev evaluation interval (steps)", resume=FREE)
     max_time: float | None = setting(None, "stop (with a checkpoint) after this many seconds",
                                      resume=FREE, default_text="no limit")
+    keep_checkpoints: int = setting(2, "step checkpoints kept, newest first (--resume falls back to "
+                                    "an older one when the newest is unreadable)", resume=FREE,
+                                    added=True)
 
 
 @component
@@ -471,6 +474,8 @@ class TrainConfig:
             raise ZotuneError(f"eps must be > 0, got {method.eps}")
         if method.weight_decay < 0:
             raise ZotuneError(f"weight_decay must be >= 0, got {method.weight_decay}")
+        if not _positive_int(run.keep_checkpoints):
+            raise ZotuneError(f"keep_checkpoints must be an integer >= 1, got {run.keep_checkpoints!r}")
         if run.max_time is not None and run.max_time <= 0:
             raise ZotuneError(f"max_time must be > 0 seconds, got {run.max_time}")
         if method.schedule != "constant" and method.warmup_steps >= run.steps:
