@@ -136,7 +136,7 @@ def test_phase_lines_come_before_the_first_step(sigterm_run):
               "zotune: zero-shot evaluation on 16 dev + 16 test examples", "zotune: training: steps 1-6"]
     at = [err.find(p) for p in phases]
     assert -1 not in at and at == sorted(at), err
-    assert "zero-shot dev:" in err  # the evaluation's bar (leave=False: its last frame may be cleared)
+    assert "zero-shot dev:" in err and "/16 [" in err  # the evaluation's bar
     assert "eta " in sigterm_run["stderr"] and "evals + test" in sigterm_run["stderr"]  # the ETA
     assert sigterm_run["stdout"].strip() == ""  # stdout is kept for the final JSON
 

@@ -272,9 +272,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
     status = "completed"
     report, signals = prog.current(), stopping.current()
     saved_at = state.step if resume else None  # the step of the newest checkpoint on disk
-    prog.phase(f"training: steps {state.step + 1}-{r.steps}" + (f" (resumed at step {state.step})"
-               if resume else "") + f", dev evaluation every {r.eval_every} steps on {len(dev)} "
-               "examples")
+    if state.step < r.steps:
+        prog.phase(f"training: steps {state.step + 1}-{r.steps}" + (f" (resumed at step {state.step})"
+                   if resume else "") + f", dev evaluation every {r.eval_every} steps on {len(dev)} "
+                   "examples")
     bar = report.train_bar(r.steps, state.step, f"{task.name} {method.name}")
     shown: dict = {}
 
