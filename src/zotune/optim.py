@@ -37,7 +37,8 @@ class ZOOptimizer(torch.optim.Optimizer):
     momentum/Adam, plus an fp32 master copy for bf16/fp16 parameters when ``master_weights`` is on).
 
     Args:
-        params: parameters or ``named_parameters()`` (or param groups with ``lr``/``weight_decay``).
+        params: parameters or ``named_parameters()`` (or param groups with ``lr``/``weight_decay``),
+            or a model (its named parameters, and ``model=`` it: block table, offload).
             Tensors with ``requires_grad=False`` are left untouched.
         lr: learning rate (>= 0). eps: perturbation scale (> 0). method: a name in ``METHODS``.
         weight_decay: decoupled weight decay (coupled with ``coupled_decay=True``), not on biases
@@ -47,7 +48,8 @@ class ZOOptimizer(torch.optim.Optimizer):
             ``lr * lambda(t)`` as transformers' schedulers), ``warmup_steps``, ``total_steps``,
             ``defer_update``, ``estimator``, ``update``, ``kernel``, ``projection``,
             ``clip_norm``, ``transforms``, ``chunk_size``, ``master_weights``, ``threads``,
-            ``engine`` (``in-memory`` or ``reference``), ``rng_device``,
+            ``engine`` (``in-memory``, ``reference`` or ``offload``, which takes ``offload_to``,
+            ``offload_dir``, ``resident_blocks``, ``overlap``, ``fsync``), ``rng_device``,
             ``low_precision_probes`` (``exclude`` tensors whose bf16/fp16 probes round away, or
             ``keep``); see :func:`zotune.methods.build` and docs/design.md.
     """
@@ -59,6 +61,9 @@ class ZOOptimizer(torch.optim.Optimizer):
         if not weight_decay >= 0:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
         check_options(options)
+        if isinstance(params, torch.nn.Module):  # a model: its named parameters, and the model itself
+            options.setdefault("model", params)
+            params = list(params.named_parameters())
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
         entries, self._params = [], []
         for gi, group in enumerate(self.param_groups):

@@ -297,8 +297,12 @@ class InMemoryEngine:
             return out.copy_(values), sign
         return draw(self.direction, key, t.tensor_id, c, position, out)
 
-    def _move_chunk(self, ti: int, ci: int, point: Terms, update: Update | None) -> float:
+    def _move_chunk(self, ti: int, ci: int, point: Terms, update: Update | None,
+                    current: Terms | None = None) -> float:
+        """Move one chunk from ``current`` (default: the engine's) to ``point`` after ``update``."""
         t = self.tensors[ti]
+        if current is None:
+            current = self.current
         s, e = t.chunks[ci]
         n = e - s
         zo = t.role == "zo"
@@ -315,7 +319,7 @@ class InMemoryEngine:
         tid = t.tensor_id
         grad_terms = tuple((k, coef_at(c, tid)) for k, c in update.grad.terms) if keyed and zo else ()
         point = tuple((k, coef_at(a, tid)) for k, a in point) if zo else ()
-        current = tuple((k, coef_at(a, tid)) for k, a in self.current) if zo else ()
+        current = tuple((k, coef_at(a, tid)) for k, a in current) if zo else ()
         if t.master is not None:
             return self._move_chunk_master(t, ci, point, update, decay, fused, lr, grad_terms, coupled)
 
