@@ -296,3 +296,35 @@ def test_dense_gradients_through_the_engine():
         eng.flush()
         results.append([p.detach().clone() for _, p in named])
     assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_zotune_train_with_offload_resumes_to_the_in_memory_run(tiny_dir, data_dir, tmp_path):
+    from test_train_cli import final_params, losses, run, train_args
+
+    straight, offload = tmp_path / "straight", tmp_path / "offload"
+    tier = ["--engine", "offload", "--offload-to", "disk", "--offload-dir", tmp_path / "tier"]
+    assert run(train_args(tiny_dir, data_dir, straight, 4)) == 0
+    assert run(train_args(tiny_dir, data_dir, offload, 2, *tier)) == 0
+    assert run(train_args(tiny_dir, data_dir, offload, 4, "--resume", *tier)) == 0
+    a, b = final_params(straight), final_params(offload)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert losses(straight) == losses(offload)
+    summary = json.loads((offload / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["test"] is not None
+
+
+def test_zotune_train_offload_errors_exit_2(tiny_dir, data_dir, tmp_path, capsys):
+    from test_train_cli import run, train_args
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert run(train_args(tiny_dir, data_dir, tmp_path / "r1", 2, "--engine", "offload",
+                          "--offload-to", "disk")) == 2
+    assert "--offload-dir" in capsys.readouterr().err
+    assert run(train_args(tiny_dir, data_dir, tmp_path / "r2", 2, "--engine", "offload",
+                          "--offload-to", "disk", "--offload-dir", blocker / "sub")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not writable" in err and len(err.splitlines()) == 1
+    assert run(train_args(tiny_dir, data_dir, tmp_path / "r3", 2, "--engine", "offload",
+                          "--offload-to", "tape")) == 2
+    assert "valid: cpu, disk" in capsys.readouterr().err

@@ -235,7 +235,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
                           one_sided=method.one_sided, weight_decay=method.weight_decay,
                           schedule=method.schedule, warmup_steps=method.warmup_steps,
                           total_steps=r.steps, defer_update=cfg.engine.defer_update, model=model,
-                          **method.optimizer_options())
+                          **method.optimizer_options(), **cfg.engine.engine_options())
     except ValueError as err:
         raise ZotuneError(f"method {method.name!r}: {err}") from None
     scorer.runner.device = opt.engine.device  # the one place the model is called runs where the engine says
