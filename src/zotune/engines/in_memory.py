@@ -298,8 +298,9 @@ class InMemoryEngine:
         return draw(self.direction, key, t.tensor_id, c, position, out)
 
     def _move_chunk(self, ti: int, ci: int, point: Terms, update: Update | None,
-                    current: Terms | None = None) -> float:
-        """Move one chunk from ``current`` (default: the engine's) to ``point`` after ``update``."""
+                    current: Terms | None = None, target: torch.Tensor | None = None) -> float:
+        """Move one chunk from ``current`` (default: the engine's) to ``point`` after ``update``,
+        in place in the parameter or (``target``, tensors without a master) in a copy of it."""
         t = self.tensors[ti]
         if current is None:
             current = self.current
@@ -323,7 +324,7 @@ class InMemoryEngine:
         if t.master is not None:
             return self._move_chunk_master(t, ci, point, update, decay, fused, lr, grad_terms, coupled)
 
-        x = t.flat[s:e]
+        x = t.flat[s:e] if target is None else target
         zbuf, gbuf = self._buffers(n, x.dtype, x.device)
         drawn = 0.0
         if coupled and current:  # the L2 term needs the unperturbed x: restore it first

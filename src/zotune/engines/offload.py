@@ -40,6 +40,7 @@ would hide the transfers (research note 9.3).
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -72,6 +73,18 @@ class _Unit:
     current: Terms = ()
 
 
+class _RowLookup(torch.nn.Module):
+    """Stands in for an embedding table in the pre pass: ``rows(unique ids)`` gathered."""
+
+    def __init__(self, rows) -> None:
+        super().__init__()
+        self.rows = rows
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        unique, inverse = torch.unique(ids, return_inverse=True)
+        return self.rows(unique)[inverse]
+
+
 @dataclass
 class Timing:
     """Seconds spent per block on loading, computing and storing, summed over steps."""
@@ -100,6 +113,8 @@ class OffloadEngine(InMemoryEngine):
         overlap: with the disk tier, read the next block and write back the last one on
             background threads while a block computes; ``False`` runs everything in order.
         fsync: ``fsync`` each block file written (disk tier).
+        page_cache: ``False`` evicts the disk tier's pages after each read and write
+            (:class:`~zotune.engines.tiers.DiskTier`).
     """
 
     needs_model = True
@@ -107,7 +122,7 @@ class OffloadEngine(InMemoryEngine):
     def __init__(self, tensors, direction: Direction, *, chunk_size: int = rng.DEFAULT_CHUNK_SIZE,
                  master_weights="auto", threads=None, rng_device=None, model=None,
                  offload_to: str = "cpu", offload_dir=None, resident_blocks: int = 0,
-                 overlap: bool = True, fsync: bool = True) -> None:
+                 overlap: bool = True, fsync: bool = True, page_cache: bool = True) -> None:
         if model is None:
             raise ZotuneError("engine 'offload' needs the model: ZOOptimizer(model, engine='offload', ...) "
                               "or model=model")
@@ -136,12 +151,15 @@ class OffloadEngine(InMemoryEngine):
         if offload_to == "cpu":
             self.tier = CpuTier(offloaded, pin=False)
         else:
-            self.tier = DiskTier(offload_dir, offloaded, fsync=fsync)
+            self.tier = DiskTier(offload_dir, offloaded, fsync=fsync, page_cache=page_cache)
         self._log: list[tuple[Terms, Update | None]] = []
         self._log_start = 0  # absolute position of _log[0]
         self._slots: list[torch.Tensor] = []
-        self._io: ThreadPoolExecutor | None = None
+        self._io: tuple[ThreadPoolExecutor, ThreadPoolExecutor] | None = None
         self._streaming = False
+        self._by_rows, self._snapshots = False, []
+        self.lookup_numbers_drawn = 0.0
+        """Draws of the pre pass's embedding-row lookups (``_rows_at``), beyond ``numbers_drawn``."""
         self.timing = Timing()
         self.timing.reset(table.num_blocks)
         out = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
@@ -189,6 +207,16 @@ class OffloadEngine(InMemoryEngine):
         self._pre_units = [units["pre"], units["shared"]]
         self._post_units = [units["post"]]
         self._shared = units["shared"]
+        # Shared tensors that are plain embedding tables (a tied head): the pre pass needs only the
+        # rows it looks up, computed from copies of their chunks, instead of a copy per point.
+        lookups = {}
+        for path in table.embeddings:
+            module = base.get_submodule(path)
+            if isinstance(module, torch.nn.Embedding) and module.max_norm is None:
+                for ti in units["shared"].tensors:
+                    if self.tensors[ti].param is module.weight and self.tensors[ti].master is None:
+                        lookups[ti] = path
+        self._lookups = lookups if len(lookups) == len(units["shared"].tensors) else {}
         self._block_units = block_units
         return [*units.values(), *block_units], blocks
 
@@ -305,26 +333,77 @@ class OffloadEngine(InMemoryEngine):
 
     def close(self) -> None:
         if self._io is not None:
-            self._io.shutdown()
+            for pool in self._io:
+                pool.shutdown()
             self._io = None
         self._hook.remove()
         super().close()
 
     # ------------------------------------------------------------------ passes
     def _pre_pass(self, calls, positions):
-        """Per point and call: block 0's input; per call: every block's recorded arguments."""
+        """Per point and call: block 0's input; per call: every block's recorded arguments.
+
+        Tensors used before and after the blocks (``shared``) hold one point at a time. Either
+        they move with the post pass and the pre pass computes just the embedding rows it looks
+        up, from copies of their chunks (``_rows_at``: extra draws, no tensor-sized copy), or,
+        where that is not exact (a stateful rule's update in the moves, a master copy, a shared
+        tensor that is not an embedding table), they move here and are copied per point."""
         hidden, args, self._snapshots = {}, {}, []
         shared = [self.tensors[ti] for ti in self._shared.tensors]
+        end = positions[-1]
+        moves = self._log[self._shared.done - self._log_start: end - self._log_start]
+        self._by_rows = bool(shared) and bool(self._lookups) and all(
+            u is None or not getattr(u.rule, "state_names", ()) for _, u in moves)
         for i, pos in enumerate(positions):
-            for unit in self._pre_units:
-                self._advance(unit, pos)
-            if i < len(positions) - 1 and shared:
-                self._snapshots.append([t.param.data.clone() for t in shared])
-            for c, call in enumerate(calls):
-                hidden[i, c], sink = streaming.run_pre(call, self.table, all_blocks=i == 0)
-                if i == 0:
-                    args[c] = sink
+            self._advance(self._pre_units[0], pos)
+            if not self._by_rows:
+                self._advance(self._shared, pos)
+                if i < len(positions) - 1 and shared:
+                    self._snapshots.append([t.param.data.clone() for t in shared])
+            with self._row_lookups(pos) if self._by_rows else contextlib.nullcontext():
+                for c, call in enumerate(calls):
+                    hidden[i, c], sink = streaming.run_pre(call, self.table, all_blocks=i == 0)
+                    if i == 0:
+                        args[c] = sink
         return hidden, args
+
+    @contextlib.contextmanager
+    def _row_lookups(self, upto: int):
+        """The shared embedding modules replaced by lookups of their rows at log position ``upto``."""
+        base, swapped = unwrap(self.model), []
+        try:
+            for ti, path in self._lookups.items():
+                parent_path, _, child = path.rpartition(".")
+                parent = base.get_submodule(parent_path) if parent_path else base
+                swapped.append((parent, child, parent.get_submodule(child)))
+                setattr(parent, child, _RowLookup(lambda ids, ti=ti: self._rows_at(ti, ids, upto)))
+            yield
+        finally:
+            for parent, child, original in reversed(swapped):
+                setattr(parent, child, original)
+
+    def _rows_at(self, ti: int, rows: torch.Tensor, upto: int) -> torch.Tensor:
+        """Rows ``rows`` (sorted, unique) of 2-D tensor ``ti`` as they will be at log position
+        ``upto``: each chunk holding one of them is copied and moved there by the same chunk
+        moves :meth:`_advance` makes, so the values are bitwise the ones the tensor will hold."""
+        t, unit = self.tensors[ti], self._shared
+        width = t.param.shape[1]
+        flat_idx = (rows.to(torch.long)[:, None] * width + torch.arange(width)).reshape(-1)
+        out = torch.empty(flat_idx.numel(), dtype=t.param.dtype)
+        moves = self._log[unit.done - self._log_start: upto - self._log_start]
+        bounds = torch.tensor([s for s, _ in t.chunks] + [t.chunks[-1][1]])
+        cuts = torch.searchsorted(flat_idx, bounds).tolist()
+        for c, (s, e) in enumerate(t.chunks):
+            lo, hi = cuts[c], cuts[c + 1]
+            if lo == hi:
+                continue
+            scratch, current = t.flat[s:e].clone(), unit.current
+            for point, update in moves:
+                if t.role == "zo" or (update is not None and update.touches(ti, t.role)):
+                    self.lookup_numbers_drawn += self._move_chunk(ti, c, point, update, current, scratch)
+                current = point
+            out[lo:hi] = scratch[flat_idx[lo:hi] - s]
+        return out.view(len(rows), width)
 
     def _block_pass(self, hidden, args, positions):
         def compute(unit):
@@ -344,6 +423,8 @@ class OffloadEngine(InMemoryEngine):
             for i, pos in enumerate(positions):
                 for unit in self._post_units:
                     self._advance(unit, pos)
+                if self._by_rows:
+                    self._advance(self._shared, pos)
                 values = self._snapshots[i] if i < len(self._snapshots) else live
                 for t, v in zip(shared, values):
                     t.param.data = v
@@ -389,7 +470,7 @@ class OffloadEngine(InMemoryEngine):
             if io is None:
                 fn(*a)
                 return None
-            return io.submit(fn, *a)
+            return io[fn is store].submit(fn, *a)  # a reader and a writer thread
 
         order = {u.block: k for k, u in enumerate(disk)}
         for unit in units:
@@ -438,11 +519,12 @@ class OffloadEngine(InMemoryEngine):
             self._slots.append(torch.empty(numel, dtype=dtype, device=self._compute_device))
         return self._slots[:n]
 
-    def _get_io(self) -> ThreadPoolExecutor:
+    def _get_io(self):
         if self._io is None:
-            # One worker: loads and stores run in submission order, so a store of block k-2
-            # finishes before the load that reuses its slot (the slot is also waited on).
-            self._io = ThreadPoolExecutor(1, thread_name_prefix="zotune-offload-io")
+            # One reader, one writer; a load into a slot is submitted only once the store that
+            # drains that slot has finished (waited on in _stream).
+            self._io = (ThreadPoolExecutor(1, thread_name_prefix="zotune-offload-read"),
+                        ThreadPoolExecutor(1, thread_name_prefix="zotune-offload-write"))
         return self._io
 
     def _outside_call(self, module, args) -> None:

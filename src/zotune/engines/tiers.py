@@ -113,14 +113,19 @@ class DiskTier:
         blocks: the blocks, their parameters holding the initial values.
         fsync: ``fsync`` each written file and the directory (durability across a power cut;
             a killed process leaves whole files either way).
+        page_cache: leave the files' pages in the page cache (``False``: evict each file's pages
+            after it is written and read, ``posix_fadvise(DONTNEED)``: the tier then does not
+            crowd out other memory, and every read comes from the disk, as on a machine whose
+            memory cannot hold the model).
     """
 
     kind = "disk"
 
-    def __init__(self, directory, blocks: list[BlockParams], *, fsync: bool = True) -> None:
+    def __init__(self, directory, blocks: list[BlockParams], *, fsync: bool = True,
+                 page_cache: bool = True) -> None:
         self.dir = Path(directory).expanduser()
         self.blocks = {b.index: b for b in blocks}
-        self.fsync = fsync
+        self.fsync, self.page_cache = fsync, page_cache
         self.bytes_read = self.bytes_written = 0
         self._check_directory(blocks)
         for stale in self.dir.glob("block-*.tmp"):  # a write-back cut short by a kill
@@ -173,6 +178,8 @@ class DiskTier:
                 f.flush()
                 if self.fsync:
                     os.fsync(f.fileno())
+                if not self.page_cache:
+                    os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
             os.replace(tmp, final)
             if self.fsync:
                 fd = os.open(self.dir, os.O_RDONLY)
@@ -213,6 +220,8 @@ class DiskTier:
                 if not n:
                     raise OffloadError(f"block file {str(self.path(j))!r} is truncated")
                 got += n
+            if not self.page_cache:
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
         self.bytes_read += got
         return dst
 
