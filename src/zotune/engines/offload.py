@@ -157,7 +157,7 @@ class OffloadEngine(InMemoryEngine):
         self._slots: list[torch.Tensor] = []
         self._io: tuple[ThreadPoolExecutor, ThreadPoolExecutor] | None = None
         self._streaming = False
-        self._by_rows, self._snapshots = False, []
+        self._by_rows, self._snapshots, self._copies = False, [], []
         self.lookup_numbers_drawn = 0.0
         """Draws of the pre pass's embedding-row lookups (``_rows_at``), beyond ``numbers_drawn``."""
         self.timing = Timing()
@@ -216,7 +216,10 @@ class OffloadEngine(InMemoryEngine):
                 for ti in units["shared"].tensors:
                     if self.tensors[ti].param is module.weight and self.tensors[ti].master is None:
                         lookups[ti] = path
-        self._lookups = lookups if len(lookups) == len(units["shared"].tensors) else {}
+        # Rows cost draws (the table once more per point), copies cost memory (one table per
+        # point but the last): on the disk tier memory is what is short, in host memory time.
+        self._lookups = (lookups if len(lookups) == len(units["shared"].tensors)
+                         and self.offload_to == "disk" else {})
         self._block_units = block_units
         return [*units.values(), *block_units], blocks
 
@@ -359,7 +362,9 @@ class OffloadEngine(InMemoryEngine):
             if not self._by_rows:
                 self._advance(self._shared, pos)
                 if i < len(positions) - 1 and shared:
-                    self._snapshots.append([t.param.data.clone() for t in shared])
+                    if len(self._copies) <= i:  # kept between steps: no allocation per step
+                        self._copies.append([torch.empty_like(t.param.data) for t in shared])
+                    self._snapshots.append([b.copy_(t.param.data) for b, t in zip(self._copies[i], shared)])
             with self._row_lookups(pos) if self._by_rows else contextlib.nullcontext():
                 for c, call in enumerate(calls):
                     hidden[i, c], sink = streaming.run_pre(call, self.table, all_blocks=i == 0)
