@@ -116,7 +116,7 @@ def big_child(args) -> None:
     tok.pad_token = tok.pad_token or tok.eos_token
     torch.manual_seed(0)
     start = time.perf_counter()
-    model = LlamaForCausalLM(LlamaConfig(**BIG)).eval()
+    model = LlamaForCausalLM(LlamaConfig(**{**BIG, "num_hidden_layers": args.layers})).eval()
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     options = {}
     if args.child == "offload-disk":
@@ -170,7 +170,7 @@ def big(args) -> dict:
     directory.mkdir(parents=True, exist_ok=True)
     speed = disk_speed(directory)
     cmd = [sys.executable, __file__, "big", "--data-dir", str(args.data_dir), "--dir", str(directory),
-           "--batch", str(args.batch)]
+           "--batch", str(args.batch), "--layers", str(args.layers)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     children, ready = {}, {}
     # The disk process first: once its blocks are on disk it holds little, then in-memory starts.
@@ -221,6 +221,7 @@ def main() -> None:
     parser.add_argument("--dir", default=None, help="directory for the disk tier")
     parser.add_argument("--steps", type=int, default=5, help="measured steps per engine (after one warm-up)")
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--layers", type=int, default=24, help="blocks of the big model (a dry run: 2)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

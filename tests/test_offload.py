@@ -314,6 +314,7 @@ def test_zotune_train_with_offload_resumes_to_the_in_memory_run(tiny_dir, data_d
     assert losses(straight) == losses(offload)
     summary = json.loads((offload / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["test"] is not None
+    assert summary["offload"]["bound"] in ("transfer", "compute")
 
 
 def test_zotune_train_offload_errors_exit_2(tiny_dir, data_dir, tmp_path, capsys):
@@ -331,3 +332,22 @@ def test_zotune_train_offload_errors_exit_2(tiny_dir, data_dir, tmp_path, capsys
     assert run(train_args(tiny_dir, data_dir, tmp_path / "r3", 2, "--engine", "offload",
                           "--offload-to", "tape")) == 2
     assert "valid: cpu, disk" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tier", ["cpu", "disk"])
+def test_bf16_model_with_fp32_masters_equals_in_memory(tmp_path, tier):
+    """bf16 parameters (the tier holds them, the wire carries them), fp32 masters, fp32 losses."""
+    def run(engine, **options):
+        model, tok = tiny_model("llama", seed=3)
+        model.to(torch.bfloat16)
+        scorer = CandidateScorer(model, tok, max_length=64)
+        opt = ZOOptimizer(model, lr=1e-2, eps=1e-2, engine=engine, seed=5,
+                          low_precision_probes="keep", **options)
+        losses = [opt.step(lambda b=batch(s): scorer.classification_loss(b)) for s in range(4)]
+        opt.flush()
+        return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    options = {"offload_to": tier, **({"offload_dir": tmp_path} if tier == "disk" else {})}
+    ref, got = run("in-memory"), run("offload", **options)
+    assert same(ref, got) and all(isinstance(v, float) for v in got[0])
+    assert next(iter(got[1].values())).dtype == torch.bfloat16

@@ -410,6 +410,10 @@ def _finish(out, cfg, state, opt, task, scorer, data, params, start_time, status
                "random_numbers": opt.engine.numbers_drawn, "skipped_steps": opt.skipped_steps, "peak_rss_gib": _peak_rss_gib(),
                "train_examples": len(data.train), "dev_examples": len(_dev_set(cfg, data)),
                "test_examples": len(data.test), "skipped_rows": data.skipped_rows, "notes": data.notes}
+    if hasattr(opt.engine, "timing"):  # offload: per-step transfer and compute, what bounds it
+        from .engines.offload import throughput
+
+        summary["offload"] = throughput(opt.engine.timing)
     _write_json(out / "summary.json", summary)
     plot_curves(out / "metrics.jsonl", out / "curves.png",
                 title=f"{task.name} / {cfg.model.name} / {cfg.method.name}")
