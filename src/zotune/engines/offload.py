@@ -26,8 +26,9 @@ immediately is replayed at the block's next touch, fused with its upload; a defe
 into the first probe's move as in-memory. ``flush()`` replays everything (one pass over the tier),
 so evaluation and checkpoints see the iterate (ZO2 never flushes its lagging update). Tensors used
 both before and after the blocks (a head tied to the embeddings) are one layout tensor, perturbed
-and updated once; they hold one point at a time, so for points but the last the pre pass keeps a
-copy of them (``P - 1`` copies of the tied matrix, P points) for the post pass.
+and updated once; they hold one point at a time, so the pre pass either keeps a copy of them per
+point but the last (host memory) or computes only the embedding rows it looks up (disk tier; see
+:meth:`OffloadEngine._pre_pass`).
 
 Cost per step (P points, N blocks): each block read once and written once; the same draws and
 sweeps as in-memory; the embeddings pass and the head pass each run once more per point on an
@@ -281,7 +282,7 @@ class OffloadEngine(InMemoryEngine):
             logits = self._post_pass(calls, hidden, positions)
         finally:
             self._streaming = False
-            self._restore_shared()
+            self._snapshots = []
         self._trim()
         self.timing.steps += 1
         self.timing.tokens += num * sum(int(c.kwargs["attention_mask"].sum()) for c in calls)
@@ -439,9 +440,6 @@ class OffloadEngine(InMemoryEngine):
             for t, v in zip(shared, live):
                 t.param.data = v
         return logits
-
-    def _restore_shared(self) -> None:
-        self._snapshots = []
 
     # ------------------------------------------------------------------ streaming blocks
     def _stream(self, units, work) -> None:
