@@ -199,7 +199,7 @@ def test_a_killed_run_leaves_the_disk_tier_consistent(tmp_path):
     child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)],
                              env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300
         while not Path(str(marker) + ".mid").exists():
             assert child.poll() is None, child.stderr.read().decode()[-2000:]
             assert time.monotonic() < deadline, "the child never reached a write-back"
@@ -244,6 +244,15 @@ def test_bad_inputs_get_clear_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(tiers.shutil, "disk_usage", lambda path: type("U", (), {"free": 1000})())
     with pytest.raises(OffloadError, match="GiB free"):
         ZOOptimizer(model, engine="offload", offload_to="disk", offload_dir=tmp_path / "full")
+    monkeypatch.undo()
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tiers.os, "fsync", full)  # the disk fills up during a write-back
+    with pytest.raises(OffloadError, match="is full"):
+        ZOOptimizer(model, engine="offload", offload_to="disk", offload_dir=tmp_path / "filling")
+    assert not list((tmp_path / "filling").glob("*.tmp"))
     monkeypatch.undo()
     with pytest.raises(ZotuneError, match="offload_to"):
         ZOOptimizer(model, engine="offload", offload_to="gpu")

@@ -158,7 +158,7 @@ class OffloadEngine(InMemoryEngine):
         self._slots: list[torch.Tensor] = []
         self._io: tuple[ThreadPoolExecutor, ThreadPoolExecutor] | None = None
         self._streaming = False
-        self._by_rows, self._snapshots, self._copies = False, [], []
+        self._by_rows, self._snapshots, self._copies, self._rows = False, [], [], {}
         self.lookup_numbers_drawn = 0.0
         """Draws of the pre pass's embedding-row lookups (``_rows_at``), beyond ``numbers_drawn``."""
         self.timing = Timing()
@@ -358,6 +358,9 @@ class OffloadEngine(InMemoryEngine):
         moves = self._log[self._shared.done - self._log_start: end - self._log_start]
         self._by_rows = bool(shared) and bool(self._lookups) and all(
             u is None or not getattr(u.rule, "state_names", ()) for _, u in moves)
+        if self._by_rows:  # every point's looked-up rows, in one pass over the moves
+            ids = torch.cat([c.kwargs["input_ids"].reshape(-1) for c in calls]).unique()
+            self._rows = {ti: (ids, self._rows_at(ti, ids, positions)) for ti in self._lookups}
         for i, pos in enumerate(positions):
             self._advance(self._pre_units[0], pos)
             if not self._by_rows:
@@ -366,50 +369,62 @@ class OffloadEngine(InMemoryEngine):
                     if len(self._copies) <= i:  # kept between steps: no allocation per step
                         self._copies.append([torch.empty_like(t.param.data) for t in shared])
                     self._snapshots.append([b.copy_(t.param.data) for b, t in zip(self._copies[i], shared)])
-            with self._row_lookups(pos) if self._by_rows else contextlib.nullcontext():
+            with self._row_lookups(i, pos) if self._by_rows else contextlib.nullcontext():
                 for c, call in enumerate(calls):
                     hidden[i, c], sink = streaming.run_pre(call, self.table, all_blocks=i == 0)
                     if i == 0:
                         args[c] = sink
+        self._rows = {}
         return hidden, args
 
     @contextlib.contextmanager
-    def _row_lookups(self, upto: int):
-        """The shared embedding modules replaced by lookups of their rows at log position ``upto``."""
+    def _row_lookups(self, i: int, upto: int):
+        """The shared embedding modules replaced by lookups of their rows at point ``i``."""
         base, swapped = unwrap(self.model), []
+
+        def rows(ti, ids):
+            known, values = self._rows[ti]
+            at = torch.searchsorted(known, ids).clamp(max=len(known) - 1)
+            if bool((known[at] == ids).all()):
+                return values[i][at]
+            return self._rows_at(ti, ids, [upto])[0]  # ids the calls did not show: computed apart
+
         try:
             for ti, path in self._lookups.items():
                 parent_path, _, child = path.rpartition(".")
                 parent = base.get_submodule(parent_path) if parent_path else base
                 swapped.append((parent, child, parent.get_submodule(child)))
-                setattr(parent, child, _RowLookup(lambda ids, ti=ti: self._rows_at(ti, ids, upto)))
+                setattr(parent, child, _RowLookup(lambda ids, ti=ti: rows(ti, ids)))
             yield
         finally:
             for parent, child, original in reversed(swapped):
                 setattr(parent, child, original)
 
-    def _rows_at(self, ti: int, rows: torch.Tensor, upto: int) -> torch.Tensor:
-        """Rows ``rows`` (sorted, unique) of 2-D tensor ``ti`` as they will be at log position
-        ``upto``: each chunk holding one of them is copied and moved there by the same chunk
-        moves :meth:`_advance` makes, so the values are bitwise the ones the tensor will hold."""
+    def _rows_at(self, ti: int, rows: torch.Tensor, positions: list[int]) -> list[torch.Tensor]:
+        """Rows ``rows`` (sorted, unique) of 2-D tensor ``ti`` as they will be at each log position
+        of ``positions`` (ascending): each chunk holding one of them is copied and moved along the
+        log by the chunk moves :meth:`_advance` makes, so the values are bitwise the ones the
+        tensor will hold. Cost: the draws of those moves on those chunks, one chunk of memory."""
         t, unit = self.tensors[ti], self._shared
         width = t.param.shape[1]
         flat_idx = (rows.to(torch.long)[:, None] * width + torch.arange(width)).reshape(-1)
-        out = torch.empty(flat_idx.numel(), dtype=t.param.dtype)
-        moves = self._log[unit.done - self._log_start: upto - self._log_start]
+        out = [torch.empty(flat_idx.numel(), dtype=t.param.dtype) for _ in positions]
         bounds = torch.tensor([s for s, _ in t.chunks] + [t.chunks[-1][1]])
         cuts = torch.searchsorted(flat_idx, bounds).tolist()
         for c, (s, e) in enumerate(t.chunks):
             lo, hi = cuts[c], cuts[c + 1]
             if lo == hi:
                 continue
-            scratch, current = t.flat[s:e].clone(), unit.current
-            for point, update in moves:
-                if t.role == "zo" or (update is not None and update.touches(ti, t.role)):
-                    self.lookup_numbers_drawn += self._move_chunk(ti, c, point, update, current, scratch)
-                current = point
-            out[lo:hi] = scratch[flat_idx[lo:hi] - s]
-        return out.view(len(rows), width)
+            scratch, current, done = t.flat[s:e].clone(), unit.current, unit.done
+            for k, upto in enumerate(positions):
+                for point, update in self._log[done - self._log_start: upto - self._log_start]:
+                    if t.role == "zo" or (update is not None and update.touches(ti, t.role)):
+                        self.lookup_numbers_drawn += self._move_chunk(ti, c, point, update, current,
+                                                                      scratch)
+                    current = point
+                done = max(done, upto)
+                out[k][lo:hi] = scratch[flat_idx[lo:hi] - s]
+        return [o.view(len(rows), width) for o in out]
 
     def _block_pass(self, hidden, args, positions):
         def compute(unit):
