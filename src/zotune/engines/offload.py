@@ -136,7 +136,8 @@ class OffloadEngine(InMemoryEngine):
             raise ZotuneError(f"engine 'offload' streams causal LMs with a block table; "
                               f"{type(unwrap(model)).__name__} has none (family {table.family!r})")
         if not 0 <= int(resident_blocks) <= table.num_blocks:
-            raise ZotuneError(f"resident_blocks must be between 0 and {table.num_blocks}, got {resident_blocks}")
+            raise ZotuneError(f"resident_blocks must be between 0 and {table.num_blocks}, "
+                              f"got {resident_blocks}")
         super().__init__(tensors, direction, chunk_size=chunk_size, master_weights=master_weights,
                          threads=threads, rng_device=rng_device)
         self.model, self.table = model, table

@@ -93,7 +93,8 @@ def record(objective, vocab: int, dtype: torch.dtype, *, forbid=None) -> list[Mo
 
     def answer(call: ModelCall) -> torch.Tensor:
         calls.append(call)
-        runners.setdefault(id(call.runner), (call.runner, call.runner.sequences_run - len(call.kwargs["input_ids"])))
+        rows = len(call.kwargs["input_ids"])  # already counted by the runner
+        runners.setdefault(id(call.runner), (call.runner, call.runner.sequences_run - rows))
         ids = call.kwargs["input_ids"]
         keep = call.kwargs.get("logits_to_keep") or ids.shape[1]
         return torch.zeros(ids.shape[0], keep, vocab, dtype=dtype, device=ids.device)
