@@ -36,7 +36,7 @@ already-computed input (a lookup; ``logits_to_keep`` positions); the objective's
 P + 1 times (once to learn its model calls).
 
 Throughput: :attr:`OffloadEngine.timing` collects per-block transfer and compute time;
-:func:`zotune.engines.offload.throughput` says which bounds the step and the tokens per step that
+:func:`zotune.engines.throughput.throughput` says which bounds the step and the tokens per step that
 would hide the transfers (research note 9.3).
 """
 from __future__ import annotations
@@ -44,7 +44,7 @@ from __future__ import annotations
 import contextlib
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -56,6 +56,7 @@ from ..plan import ProbePlan, Terms
 from . import streaming
 from .base import MicroBatches, Update, check_update
 from .in_memory import InMemoryEngine
+from .throughput import Timing, throughput  # noqa: F401  (re-exported)
 from .tiers import BlockParams, CpuTier, DiskTier
 
 OFFLOAD_TO = ("cpu", "disk")
@@ -84,23 +85,6 @@ class _RowLookup(torch.nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         unique, inverse = torch.unique(ids, return_inverse=True)
         return self.rows(unique)[inverse]
-
-
-@dataclass
-class Timing:
-    """Seconds spent per block on loading, computing and storing, summed over steps."""
-
-    load: list[float] = field(default_factory=list)
-    compute: list[float] = field(default_factory=list)
-    store: list[float] = field(default_factory=list)
-    wait: float = 0.0
-    steps: int = 0
-    tokens: int = 0
-    bytes_read: int = 0
-
-    def reset(self, blocks: int) -> None:
-        self.load, self.compute, self.store = [0.0] * blocks, [0.0] * blocks, [0.0] * blocks
-        self.wait, self.steps, self.tokens, self.bytes_read = 0.0, 0, 0, 0
 
 
 class OffloadEngine(InMemoryEngine):
@@ -549,23 +533,3 @@ class OffloadEngine(InMemoryEngine):
     def _outside_call(self, module, args) -> None:
         if not self._streaming and self._log and any(u.done < self._end() for u in self._units):
             self.catch_up()
-
-
-def throughput(timing: Timing, *, link_bytes_per_s: float | None = None) -> dict:
-    """Which term bounds a step, from measured per-block times (research note 9.3).
-
-    Per step: transfer = sum of block loads and stores (they overlap the compute of other blocks
-    when ``overlap`` is on), compute = sum of block compute. The step is transfer-bound when
-    transfer > compute; compute grows with the tokens per step T and transfer does not, so the
-    tokens that hide the transfers are ``T * transfer / compute``."""
-    steps = max(timing.steps, 1)
-    load, store, compute = sum(timing.load) / steps, sum(timing.store) / steps, sum(timing.compute) / steps
-    transfer = max(load, store)  # one reader and one writer, side by side
-    tokens = timing.tokens / steps
-    out = {"load_s": load, "store_s": store, "compute_s": compute, "wait_s": timing.wait / steps,
-           "bound": "transfer" if transfer > compute else "compute", "tokens_per_step": tokens,
-           "tokens_to_hide_transfer": tokens * transfer / compute if compute > 0 else float("inf"),
-           "bytes_read_per_step": timing.bytes_read / steps}
-    if link_bytes_per_s:
-        out["link_bytes_per_s"] = link_bytes_per_s
-    return out
