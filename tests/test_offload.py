@@ -231,6 +231,7 @@ def test_throughput_report():
     report = throughput(opt.engine.timing)
     assert report["bound"] in ("transfer", "compute") and report["compute_s"] > 0
     assert report["tokens_per_step"] > 0
+    assert len(report["per_block_s"]["compute"]) == 2 and min(report["per_block_s"]["compute"]) > 0
 
 
 def test_bad_inputs_get_clear_errors(tmp_path, monkeypatch):

@@ -43,7 +43,10 @@ def throughput(timing: Timing, *, link_bytes_per_s: float | None = None) -> dict
     out = {"load_s": load, "store_s": store, "compute_s": compute, "wait_s": timing.wait / steps,
            "bound": "transfer" if transfer > compute else "compute", "tokens_per_step": tokens,
            "tokens_to_hide_transfer": tokens * transfer / compute if compute > 0 else float("inf"),
-           "bytes_read_per_step": timing.bytes_read / steps}
+           "bytes_read_per_step": timing.bytes_read / steps,
+           "per_block_s": {"load": [t / steps for t in timing.load],
+                           "compute": [t / steps for t in timing.compute],
+                           "store": [t / steps for t in timing.store]}}
     if link_bytes_per_s:
         out["link_bytes_per_s"] = link_bytes_per_s
     return out
