@@ -289,9 +289,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
             parts.append(f"dev={state.last_dev:.1f}")
         bar.set_postfix_str(", ".join(parts), refresh=False)
 
-    def save_checkpoint(share: Path | None = None) -> None:
+    def save_checkpoint(share: Path | None = None, flush: bool = True) -> None:
+        """``flush=False`` for a stop between evaluations: the parameters are saved as they are
+        (a held update, or a step stopped half-way at a perturbed point, goes into the optimizer
+        state), so the resumed run rounds exactly as the uninterrupted one would have."""
         nonlocal saved_at
-        opt.flush()
+        if flush:
+            opt.flush()
         state.wall_time = time.perf_counter() - start_time
         state.forward_passes = opt.forward_passes
         state.random_numbers = opt.engine.numbers_drawn
@@ -326,7 +330,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
                 status = "max_time"
                 with signals.deferred():
                     if saved_at != state.step:
-                        save_checkpoint()
+                        save_checkpoint(flush=False)
                 signals.check()
                 break
             batch = [data.train[i] for i in sampler.indices(state.step)]
@@ -353,7 +357,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
         bar.close()
         if not getattr(stop, "immediate", False):  # a second signal: the last checkpoint stays
             if saved_at != state.step:
-                save_checkpoint()
+                save_checkpoint(flush=False)
             stop.saved = True
             _finish(out, cfg, state, opt, task, scorer, data, params, start_time,
                     getattr(stop, "status", "interrupted"), final_eval=False)
