@@ -22,6 +22,7 @@ import json
 import math
 import os
 import resource
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -240,7 +241,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
         raise ZotuneError(f"method {method.name!r}: {err}") from None
     scorer.runner.device = opt.engine.device  # the one place the model is called runs where the engine says
     for name in opt.excluded:
-        print(f"note: {name} is not trained: {opt.engine.layout.spec(name).reason}")
+        print(f"note: {name} is not trained: {opt.engine.layout.spec(name).reason}", file=sys.stderr)
     if opt.projection is not None:  # the projection search draws its own batches
         search = BatchSampler(len(data.train), d.batch_size, rng.mix(r.seed, 0x53454152))
         iterations = opt.projection.iterations
@@ -257,7 +258,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
     else:
         metrics_path.write_text("")
         for note in data.notes:
-            print(f"note: {note}")
+            print(f"note: {note}", file=sys.stderr)  # stdout is kept for the final JSON
         prog.phase(f"zero-shot evaluation on {len(dev)} dev + {len(data.test)} test examples")
         state.zero_shot = {"dev": evaluate(scorer, task, dev, d.eval_batch_size, desc="zero-shot dev"),
                            "test": evaluate(scorer, task, data.test, d.eval_batch_size,
