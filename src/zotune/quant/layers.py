@@ -1,0 +1,268 @@
+"""Integer layers and the integer sequential model, converted from a float ``nn.Sequential``.
+
+Each parametrised layer holds int8 mantissas and fixed per-tensor exponents (NITI keeps weight
+exponents fixed; so do we). The forward takes and returns ``(int8 activation, exponent)``:
+
+    Linear / Conv2d   int8 x int8 -> int32 (``int_ops``), bias aligned to the accumulator exponent
+                      by a shift and added in int32, then ``requantize`` back to int8;
+    ReLU              ``max(x, 0)`` on int8, exponent unchanged;
+    MaxPool2d         on int8 (max commutes with a shared positive scale);
+    Flatten           a view.
+
+``perturb(name, q) -> q'`` is called on every parameter at use, so a ZO method can substitute a
+perturbed temporary without ever writing it into the weights. ``tape`` (a list) makes layers
+from ``tape_from`` on record what the integer backward (``backward``) needs.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import ZotuneError
+from .fixed import quantize, requantize, round_shift
+from .int_ops import int_conv2d, int_linear, int_matmul
+
+Perturb = Callable[[str, torch.Tensor], torch.Tensor]
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _aligned_bias(bias: torch.Tensor, e_bias: int, e_acc: int) -> torch.Tensor:
+    """The int8 bias as int32 at the accumulator's exponent (left shift, or round-to-nearest right shift)."""
+    b = bias.to(torch.int32)
+    shift = e_bias - e_acc
+    if shift > 0:
+        # 127 << 23 still fits int32 with room for the sum; a larger gap means a saturated layer anyway
+        return b << min(shift, 23)
+    return round_shift(b, -shift)
+
+
+class IntParamLayer:
+    """Shared parts of Linear and Conv2d: int8 ``weight``/``bias`` and their fixed exponents."""
+
+    kind = "param"
+
+    def __init__(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None, headroom_bits: int):
+        self.name = name
+        self.weight, self.e_weight = quantize(weight, headroom_bits)
+        self.bias, self.e_bias = (None, 0) if bias is None else quantize(bias, headroom_bits)
+
+    def params(self) -> dict[str, torch.Tensor]:
+        out = {f"{self.name}.weight": self.weight}
+        if self.bias is not None:
+            out[f"{self.name}.bias"] = self.bias
+        return out
+
+    def exponents(self) -> dict[str, int]:
+        out = {f"{self.name}.weight": self.e_weight}
+        if self.bias is not None:
+            out[f"{self.name}.bias"] = self.e_bias
+        return out
+
+    def _operands(self, perturb: Perturb | None):
+        w, b = self.weight, self.bias
+        if perturb is not None:
+            w = perturb(f"{self.name}.weight", w)
+            if b is not None:
+                b = perturb(f"{self.name}.bias", b)
+        return w, b
+
+    def _finish(self, acc: torch.Tensor, e_acc: int, b: torch.Tensor | None, bias_shape) -> tuple[torch.Tensor, int]:
+        if b is not None:
+            acc += _aligned_bias(b, self.e_bias, e_acc).view(bias_shape)
+        return requantize(acc, e_acc)
+
+
+class IntLinear(IntParamLayer):
+    def __init__(self, name: str, layer: nn.Linear, headroom_bits: int):
+        super().__init__(name, layer.weight, layer.bias, headroom_bits)
+
+    def forward(self, x, e, perturb=None, tape=None):
+        w, b = self._operands(perturb)
+        if tape is not None:
+            tape.append((self, (x, e, w)))
+        return self._finish(int_linear(x, w), e + self.e_weight, b, (1, -1))
+
+    def backward(self, saved, err: torch.Tensor, e_err: int, grads: dict, need_input_error: bool):
+        """NITI-style: ``dW = err^T x`` and ``db = sum err`` (exact integers, accumulated into
+        ``grads``), ``err_prev = err W`` requantised to int8 by pseudo-stochastic rounding."""
+        x, e_x, w = saved
+        _accumulate(grads, f"{self.name}.weight", int_matmul(err.t(), x), e_err + e_x)
+        if self.bias is not None:
+            _accumulate(grads, f"{self.name}.bias", err.sum(dim=0), e_err)
+        if not need_input_error:
+            return None, 0
+        return requantize(int_matmul(err, w), e_err + self.e_weight, rounding="pseudo")
+
+
+class IntConv2d(IntParamLayer):
+    def __init__(self, name: str, layer: nn.Conv2d, headroom_bits: int):
+        if layer.groups != 1 or _pair(layer.dilation) != (1, 1) or not isinstance(layer.padding, (int, tuple)):
+            raise ZotuneError(f"integer Conv2d {name!r}: only groups=1, dilation=1 and numeric padding "
+                              f"are supported, got groups={layer.groups}, dilation={layer.dilation}, "
+                              f"padding={layer.padding!r}")
+        if layer.padding_mode != "zeros":
+            raise ZotuneError(f"integer Conv2d {name!r}: padding_mode must be 'zeros', got {layer.padding_mode!r}")
+        super().__init__(name, layer.weight, layer.bias, headroom_bits)
+        self.stride, self.padding = _pair(layer.stride), _pair(layer.padding)
+
+    def forward(self, x, e, perturb=None, tape=None):
+        if tape is not None:
+            raise ZotuneError(f"the integer backprop tail supports Linear, ReLU and Flatten layers; "
+                              f"Conv2d {self.name!r} is inside it (use fewer --bp-layers)")
+        w, b = self._operands(perturb)
+        acc = int_conv2d(x, w, self.stride, self.padding)
+        y, e_y = self._finish(acc, e + self.e_weight, b, (1, -1, 1, 1))
+        # the int32 product is channels-last; int8 max-pool needs NCHW (and the copy is int8-sized)
+        return y.contiguous(), e_y
+
+
+class IntReLU:
+    kind = "relu"
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def forward(self, x, e, perturb=None, tape=None):
+        y = x.clamp_min(0)
+        if tape is not None:
+            tape.append((self, y))
+        return y, e
+
+    def backward(self, y, err, e_err, grads, need_input_error):
+        return torch.where(y > 0, err, torch.zeros_like(err)), e_err
+
+
+class IntMaxPool2d:
+    kind = "pool"
+
+    def __init__(self, name: str, layer: nn.MaxPool2d):
+        if _pair(layer.dilation) != (1, 1) or layer.ceil_mode or layer.return_indices:
+            raise ZotuneError(f"integer MaxPool2d {name!r}: dilation=1, ceil_mode=False only")
+        self.name = name
+        self.kernel, self.stride, self.padding = _pair(layer.kernel_size), _pair(layer.stride or layer.kernel_size), _pair(layer.padding)
+
+    def forward(self, x, e, perturb=None, tape=None):
+        if tape is not None:
+            raise ZotuneError(f"the integer backprop tail supports Linear, ReLU and Flatten layers; "
+                              f"MaxPool2d {self.name!r} is inside it (use fewer --bp-layers)")
+        return F.max_pool2d(x, self.kernel, self.stride, self.padding), e
+
+
+class IntFlatten:
+    kind = "flatten"
+
+    def __init__(self, name: str, layer: nn.Flatten):
+        if layer.start_dim != 1 or layer.end_dim != -1:
+            raise ZotuneError(f"integer Flatten {name!r}: only start_dim=1, end_dim=-1 is supported")
+        self.name = name
+
+    def forward(self, x, e, perturb=None, tape=None):
+        if tape is not None:
+            tape.append((self, x.shape))
+        return x.reshape(x.shape[0], -1), e
+
+    def backward(self, shape, err, e_err, grads, need_input_error):
+        return err.reshape(shape), e_err
+
+
+def _accumulate(grads: dict, name: str, value: torch.Tensor, exponent: int) -> None:
+    """``grads[name] += value * 2**exponent`` exactly, in int64, at the smaller of the two exponents.
+
+    Passes of one step can requantise to different exponents; aligning by left shifts keeps the sum
+    exact (int32 products shifted by a few bits stay far inside int64).
+    """
+    value = value.to(torch.int64)
+    if name not in grads:
+        grads[name] = (value, exponent)
+        return
+    acc, e_acc = grads[name]
+    if exponent >= e_acc:
+        grads[name] = (acc + (value << min(exponent - e_acc, 30)), e_acc)
+    else:
+        grads[name] = ((acc << min(e_acc - exponent, 30)) + value, exponent)
+
+
+class IntSequential:
+    """An integer network: a list of integer layers run in order on ``(int8, exponent)``."""
+
+    def __init__(self, layers: list):
+        self.layers = layers
+        self.param_layers = [layer for layer in layers if layer.kind == "param"]
+
+    @classmethod
+    def from_float(cls, model: nn.Sequential, headroom_bits: int = 1) -> "IntSequential":
+        """Convert a float ``nn.Sequential`` of Conv2d / Linear / ReLU / MaxPool2d / Flatten.
+
+        Weights and biases are quantised per tensor (round to nearest) with ``headroom_bits`` of
+        headroom, since their exponents then stay fixed for the whole training.
+        """
+        if not isinstance(model, nn.Sequential):
+            raise ZotuneError(f"the integer model is converted from an nn.Sequential, got {type(model).__name__}")
+        builders = {nn.Linear: lambda n, m: IntLinear(n, m, headroom_bits),
+                    nn.Conv2d: lambda n, m: IntConv2d(n, m, headroom_bits),
+                    nn.ReLU: lambda n, m: IntReLU(n), nn.MaxPool2d: IntMaxPool2d, nn.Flatten: IntFlatten}
+        layers = []
+        for name, module in model.named_children():
+            build = builders.get(type(module))
+            if build is None:
+                raise ZotuneError(f"cannot convert layer {name!r} ({type(module).__name__}) to integers; "
+                                  f"supported: {', '.join(t.__name__ for t in builders)}")
+            layers.append(build(name, module))
+        return cls(layers)
+
+    def params(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for layer in self.param_layers:
+            out.update(layer.params())
+        return out
+
+    def exponents(self) -> dict[str, int]:
+        out = {}
+        for layer in self.param_layers:
+            out.update(layer.exponents())
+        return out
+
+    def set_param(self, name: str, value: torch.Tensor) -> None:
+        layer_name, attr = name.rsplit(".", 1)
+        layer = next(lay for lay in self.param_layers if lay.name == layer_name)
+        setattr(layer, attr, value)
+
+    def tail_start(self, bp_layers: int) -> int:
+        """Index in ``layers`` of the first of the last ``bp_layers`` parametrised layers."""
+        n = len(self.param_layers)
+        if not 0 <= bp_layers <= n:
+            raise ZotuneError(f"bp_layers must be between 0 and {n} (the model's parametrised layers), got {bp_layers}")
+        if bp_layers == 0:
+            return len(self.layers)
+        return self.layers.index(self.param_layers[n - bp_layers])
+
+    def forward(self, x, e, perturb: Perturb | None = None, start: int = 0, stop: int | None = None,
+                tape: list | None = None):
+        """Run ``layers[start:stop]`` on int8 ``x`` with exponent ``e``; returns ``(int8, exponent)``."""
+        for layer in self.layers[start:stop]:
+            x, e = layer.forward(x, e, perturb, tape)
+        return x, e
+
+    def backward(self, tape: list, err: torch.Tensor, e_err: int, grads: dict) -> None:
+        """Integer backward through the recorded layers, accumulating int64 gradients into ``grads``."""
+        for i in range(len(tape) - 1, -1, -1):
+            layer, saved = tape[i]
+            err, e_err = layer.backward(saved, err, e_err, grads, need_input_error=i > 0)
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Float logits for evaluation: quantise the images, integer forward, dequantise."""
+        x, e = quantize(images)
+        y, e = self.forward(x, e)
+        return y.to(torch.float32) * (2.0 ** e)
+
+    def to_float_state(self) -> dict[str, torch.Tensor]:
+        """Dequantised parameters, keyed like the float model's ``state_dict``."""
+        exps = self.exponents()
+        return {k: v.to(torch.float32) * (2.0 ** exps[k]) for k, v in self.params().items()}
+
