@@ -26,11 +26,14 @@ def test_quantize_round_trip_within_half_lsb():
 
 
 @pytest.mark.parametrize("s", [0, 1, 3, 7])
-def test_round_shift_is_round_to_nearest(s):
-    x = torch.arange(-300, 300, dtype=torch.int32)
-    expect = torch.floor(x.double() / 2 ** s + 0.5).to(torch.int32)
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_round_shift_is_round_to_nearest(s, dtype):
+    x = torch.arange(-300, 300, dtype=dtype)
+    expect = torch.floor(x.double() / 2 ** s + 0.5).to(dtype)
     assert torch.equal(fixed.round_shift(x, s), expect)
+    assert torch.equal(fixed.round_shift(x.clone(), s, inplace=True), expect)
     assert torch.equal(fixed.round_shift(x, -2), x * 4)
+    assert torch.equal(fixed.shift_right(x, s), torch.floor(x.double() / 2 ** s).to(dtype))
 
 
 def test_requantize_uses_ceil_log2_shift_and_saturates():
@@ -84,9 +87,9 @@ def test_int_matmul_rejects_non_int8():
 def test_im2col_order_matches_float_unfold():
     g = torch.Generator().manual_seed(1)
     x = _int8(g, 2, 3, 7, 6)
-    cols = im2col(x, (3, 2), (2, 1), (1, 1))
+    cols = im2col(x.transpose(0, 1), (3, 2), (2, 1), (1, 1))            # [C*KH*KW, B*L]
     ref = F.unfold(x.double(), (3, 2), stride=(2, 1), padding=(1, 1))   # [B, C*KH*KW, L]
-    assert torch.equal(cols.double(), ref.transpose(1, 2).reshape(-1, ref.shape[1]))
+    assert torch.equal(cols.double(), ref.transpose(0, 1).reshape(ref.shape[1], -1))
 
 
 @pytest.mark.parametrize("stride,padding,batch", [((1, 1), (2, 2), 3), ((1, 1), (0, 0), 2), ((2, 1), (1, 0), 5)])
@@ -95,8 +98,10 @@ def test_int_conv2d_matches_reference(stride, padding, batch, monkeypatch):
     x, w = _int8(g, batch, 3, 12, 10), _int8(g, 4, 3, 5, 3)
     ref = int_conv2d_reference(x, w, stride, padding)
     assert torch.equal(int_conv2d(x, w, stride, padding), ref)
-    monkeypatch.setattr("zotune.quant.int_ops.COLUMN_TILE_BYTES", 1)   # one sample per tile
+    monkeypatch.setattr("zotune.quant.int_ops.COLUMN_TILE_BYTES", 400)   # tiles of a few samples
     assert torch.equal(int_conv2d(x, w, stride, padding, matmul=int_matmul_reference), ref)
+    monkeypatch.setattr("zotune.quant.int_ops.COLUMN_TILE_BYTES", 1)     # one sample per tile
+    assert torch.equal(int_conv2d(x, w, stride, padding), ref)
 
 
 @pytest.mark.parametrize("frac_bits", [6, 8, 10])
@@ -133,3 +138,14 @@ def test_integer_output_error_is_softmax_minus_onehot():
     ref[torch.arange(128), y] -= 1
     assert err.dtype == torch.int8 and e_err == -7
     assert (err.double() * 2.0 ** e_err - ref).abs().max() <= 2 * 2.0 ** e_err
+
+
+@pytest.mark.parametrize("kernel,stride,padding", [(2, 2, 0), (3, 2, 1), (3, 1, 0), ((2, 3), (2, 1), (1, 1))])
+def test_integer_max_pool_matches_torch(kernel, stride, padding):
+    from torch import nn
+    from zotune.quant.layers import max_pool2d_int, _pair
+    x = _int8(torch.Generator().manual_seed(5), 3, 4, 9, 8)
+    ref = F.max_pool2d(x.double(), kernel, stride, padding)
+    got = max_pool2d_int(x, _pair(kernel), _pair(stride), _pair(padding))
+    assert got.dtype == torch.int8 and torch.equal(got.double(), ref)
+    assert nn.MaxPool2d(kernel, stride, padding)  # the converter accepts the same arguments

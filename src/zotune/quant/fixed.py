@@ -63,11 +63,37 @@ def saturate8(x: torch.Tensor) -> torch.Tensor:
     return x.clamp(-QMAX, QMAX).to(torch.int8)
 
 
-def round_shift(x: torch.Tensor, s: int) -> torch.Tensor:
-    """``round(x / 2**s)`` (ties towards +inf) for ``s > 0``; ``x * 2**-s`` (left shift) for ``s <= 0``."""
+_SHIFT_AMOUNTS: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _amount(s: int, like: torch.Tensor) -> torch.Tensor:
+    """``s`` as a cached 0-d tensor of ``like``'s dtype: shifting by a tensor takes the vectorised
+    kernel, shifting by a Python int a scalar loop 10x slower (torch 2.13, CPU)."""
+    key = (s, like.dtype, like.device)
+    t = _SHIFT_AMOUNTS.get(key)
+    if t is None:
+        t = _SHIFT_AMOUNTS[key] = torch.tensor(s, dtype=like.dtype, device=like.device)
+    return t
+
+
+def shift_right(x: torch.Tensor, s: int, inplace: bool = False) -> torch.Tensor:
+    """Arithmetic ``x >> s`` (floor division by ``2**s``) for ``s >= 0``; ``inplace`` reuses ``x``."""
+    if s == 0:
+        return x
+    return torch.bitwise_right_shift(x, _amount(s, x), out=x if inplace else None)
+
+
+def round_shift(x: torch.Tensor, s: int, inplace: bool = False) -> torch.Tensor:
+    """``round(x / 2**s)`` (ties towards +inf) for ``s > 0``; ``x * 2**-s`` (left shift) for ``s <= 0``.
+
+    ``inplace`` overwrites ``x`` (a temporary the caller owns) instead of allocating.
+    """
     if s <= 0:
-        return x << (-s) if s < 0 else x
-    return (x + (1 << (s - 1))) >> s
+        if s == 0:
+            return x
+        return x.bitwise_left_shift_(-s) if inplace else x << (-s)
+    y = x.add_(1 << (s - 1)) if inplace else x + (1 << (s - 1))
+    return shift_right(y, s, inplace=True)
 
 
 def stochastic_shift(x: torch.Tensor, s: int, generator: torch.Generator) -> torch.Tensor:
@@ -80,7 +106,7 @@ def stochastic_shift(x: torch.Tensor, s: int, generator: torch.Generator) -> tor
     if s <= 0:
         return x << (-s) if s < 0 else x
     u = torch.empty_like(x).random_(0, 1 << s, generator=generator)
-    return (x + u) >> s
+    return shift_right(u.add_(x), s, inplace=True)
 
 
 def pseudo_stochastic_shift(x: torch.Tensor, s: int) -> torch.Tensor:
@@ -99,9 +125,9 @@ def pseudo_stochastic_shift(x: torch.Tensor, s: int) -> torch.Tensor:
     if low_bits == 0:
         return round_shift(x, s)
     rem = x & ((1 << s) - 1)
-    upper = rem >> low_bits
+    upper = shift_right(rem, low_bits)
     lower = (rem & ((1 << low_bits) - 1)) << (s - 2 * low_bits)
-    return (x >> s) + (upper > lower).to(x.dtype)
+    return shift_right(x, s).add_((upper > lower).to(x.dtype))
 
 
 def max_abs(x: torch.Tensor) -> int:
@@ -112,15 +138,20 @@ def max_abs(x: torch.Tensor) -> int:
     return max(int(hi), -int(lo))
 
 
-def requantize(acc: torch.Tensor, e_acc: int, rounding: str = "nearest") -> tuple[torch.Tensor, int]:
+def requantize(acc: torch.Tensor, e_acc: int, rounding: str = "nearest",
+               inplace: bool = False) -> tuple[torch.Tensor, int]:
     """int32 accumulator -> int8 by the smallest right shift that fits (research note 3.5.2).
 
     With ``b = ceil(log2 max|acc|)`` the shift is ``s = max(0, b - 7)`` and the new exponent
     ``e_acc + s``; ``max|acc| == 2**b`` rounds to 128 and saturates to 127 (one LSB of clipping).
+    ``inplace`` (round to nearest only) overwrites ``acc``: no int32 temporary beside it.
     """
     s = max(0, ceil_log2(max_abs(acc)) - 7)
-    shifted = round_shift(acc, s) if rounding == "nearest" else pseudo_stochastic_shift(acc, s)
-    return saturate8(shifted), e_acc + s
+    if rounding == "nearest":
+        shifted = round_shift(acc, s, inplace=inplace)
+    else:
+        shifted = pseudo_stochastic_shift(acc, s)
+    return shifted.clamp_(-QMAX, QMAX).to(torch.int8) if inplace else saturate8(shifted), e_acc + s
 
 
 def multiplier(scale: float, bits: int = 15) -> tuple[int, int]:

@@ -22,8 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ZotuneError
-from .fixed import quantize, requantize, round_shift
-from .int_ops import int_conv2d, int_linear, int_matmul
+from .fixed import QMAX, quantize, requantize, round_shift
+from .int_ops import int_conv2d_cnhw, int_linear, int_matmul
 
 Perturb = Callable[[str, torch.Tensor], torch.Tensor]
 
@@ -75,7 +75,7 @@ class IntParamLayer:
     def _finish(self, acc: torch.Tensor, e_acc: int, b: torch.Tensor | None, bias_shape) -> tuple[torch.Tensor, int]:
         if b is not None:
             acc += _aligned_bias(b, self.e_bias, e_acc).view(bias_shape)
-        return requantize(acc, e_acc)
+        return requantize(acc, e_acc, inplace=True)
 
 
 class IntLinear(IntParamLayer):
@@ -116,10 +116,8 @@ class IntConv2d(IntParamLayer):
             raise ZotuneError(f"the integer backprop tail supports Linear, ReLU and Flatten layers; "
                               f"Conv2d {self.name!r} is inside it (use fewer --bp-layers)")
         w, b = self._operands(perturb)
-        acc = int_conv2d(x, w, self.stride, self.padding)
-        y, e_y = self._finish(acc, e + self.e_weight, b, (1, -1, 1, 1))
-        # the int32 product is channels-last; int8 max-pool needs NCHW (and the copy is int8-sized)
-        return y.contiguous(), e_y
+        acc = int_conv2d_cnhw(x, w, self.stride, self.padding)
+        return self._finish(acc, e + self.e_weight, b, (-1, 1, 1, 1))
 
 
 class IntReLU:
@@ -151,7 +149,7 @@ class IntMaxPool2d:
         if tape is not None:
             raise ZotuneError(f"the integer backprop tail supports Linear, ReLU and Flatten layers; "
                               f"MaxPool2d {self.name!r} is inside it (use fewer --bp-layers)")
-        return F.max_pool2d(x, self.kernel, self.stride, self.padding), e
+        return max_pool2d_int(x, self.kernel, self.stride, self.padding), e
 
 
 class IntFlatten:
@@ -165,10 +163,32 @@ class IntFlatten:
     def forward(self, x, e, perturb=None, tape=None):
         if tape is not None:
             tape.append((self, x.shape))
+        if x.dim() == 4:  # [C, B, H, W] -> [B, C*H*W], the float model's order
+            return x.transpose(0, 1).reshape(x.shape[1], -1), e
         return x.reshape(x.shape[0], -1), e
 
     def backward(self, shape, err, e_err, grads, need_input_error):
+        if len(shape) == 4:
+            c, b, h, w = shape
+            return err.reshape(b, c, h, w).transpose(0, 1), e_err
         return err.reshape(shape), e_err
+
+
+def max_pool2d_int(x: torch.Tensor, kernel, stride, padding) -> torch.Tensor:
+    """Max-pooling of an integer ``[N, C, H, W]`` as elementwise maxima of strided views: rows
+    first, then columns (k_h + k_w - 2 maxima). ``F.max_pool2d`` on int8 is exact too but runs a
+    scalar loop ~15x slower (torch 2.13, CPU); they are tested equal."""
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    if ph or pw:  # padding never wins: pad with the smallest int8 mantissa
+        x = F.pad(x, (pw, pw, ph, ph), value=-QMAX)
+    oh, ow = (x.shape[2] - kh) // sh + 1, (x.shape[3] - kw) // sw + 1
+    rows = x[:, :, 0:sh * (oh - 1) + 1:sh]
+    for i in range(1, kh):
+        rows = torch.maximum(rows, x[:, :, i:i + sh * (oh - 1) + 1:sh])
+    out = rows[..., 0:sw * (ow - 1) + 1:sw]
+    for j in range(1, kw):
+        out = torch.maximum(out, rows[..., j:j + sw * (ow - 1) + 1:sw])
+    return out.contiguous()
 
 
 def _accumulate(grads: dict, name: str, value: torch.Tensor, exponent: int) -> None:
@@ -244,7 +264,13 @@ class IntSequential:
 
     def forward(self, x, e, perturb: Perturb | None = None, start: int = 0, stop: int | None = None,
                 tape: list | None = None):
-        """Run ``layers[start:stop]`` on int8 ``x`` with exponent ``e``; returns ``(int8, exponent)``."""
+        """Run ``layers[start:stop]`` on int8 ``x`` with exponent ``e``; returns ``(int8, exponent)``.
+
+        Images enter as [B, C, H, W] (at ``start == 0``); inside, spatial activations are kept
+        channels-first [C, B, H, W] (see ``int_conv2d_cnhw``) until ``Flatten`` restores [B, features].
+        """
+        if start == 0 and x.dim() == 4:
+            x = x.transpose(0, 1)
         for layer in self.layers[start:stop]:
             x, e = layer.forward(x, e, perturb, tape)
         return x, e
