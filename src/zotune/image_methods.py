@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .image_trainers import register
+from .image_trainers import TRAINERS, register  # noqa: F401 (TRAINERS: the registry)
+from .models.vision import OnePassStatistics
+from .optim import ZOOptimizer
 
 
 class BackpropTrainer:
@@ -30,7 +32,7 @@ class BackpropTrainer:
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     @torch.no_grad()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
@@ -45,4 +47,45 @@ class BackpropTrainer:
         self.opt.load_state_dict(state["optimizer"])
 
 
+class ZOTrainer:
+    """A :class:`~zotune.optim.ZOOptimizer` on every parameter (``mezo``) or, with a backprop tail,
+    ElasticZO (``elasticzo``: ZO for the head, SGD with ``lr_bp``/``momentum`` for the last
+    ``bp_layers`` parametrised layers, ``tail_grad`` avg/plus/clean). BatchNorm uses batch
+    statistics in every pass of a step; only the first pass updates the running statistics."""
+
+    def __init__(self, model: nn.Module, options: dict, method: str = "mezo") -> None:
+        self.model = model
+        self.stats = OnePassStatistics(model)
+        kw = {"seed": int(options.get("seed") or 0), "weight_decay": options.get("weight_decay") or 0.0}
+        if options.get("direction"):
+            kw["direction"] = options["direction"]
+        if method == "elasticzo":
+            momentum = options.get("momentum") or 0.0
+            kw.update(bp_layers=int(options.get("bp_layers") if options.get("bp_layers") is not None else 1),
+                      tail_grad=options.get("tail_grad") or "avg", lr_bp=options["lr_bp"],
+                      tail_update="momentum" if momentum else "sgd", tail_momentum=momentum or 0.9,
+                      tail_weight_decay=options.get("weight_decay") or 0.0)
+        self.opt = ZOOptimizer(model, lr=options["lr"], eps=options["eps"], method=method, **kw)
+
+    def step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
+        self.model.train()
+        return float(self.opt.step(self.stats.wrap(lambda: F.cross_entropy(self.model(images), labels))))
+
+    @torch.no_grad()
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        self.opt.flush()
+        self.model.eval()
+        return self.model(images).float()
+
+    def state_dict(self) -> dict:
+        self.opt.flush()
+        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+
+
 register("backprop", BackpropTrainer)
+register("mezo", lambda model, options: ZOTrainer(model, options, "mezo"))
+register("elasticzo", lambda model, options: ZOTrainer(model, options, "elasticzo"))
