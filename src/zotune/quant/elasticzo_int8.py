@@ -202,6 +202,11 @@ class ElasticZOInt8:
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         return self.model.logits(images)
 
+    def state_bytes(self) -> int:
+        """Bytes of the training state between steps: the int8 parameters (no optimizer state;
+        z, gradients and rounding noise live only inside a step)."""
+        return sum(t.numel() * t.element_size() for t in self.model.params().values())
+
     def state_dict(self) -> dict:
         return {"method": "elasticzo-int8", "step": self.step_count, "config": asdict(self.config),
                 "params": {k: v.clone() for k, v in self.model.params().items()},
