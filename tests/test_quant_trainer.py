@@ -245,3 +245,16 @@ def test_training_learns_separable_blobs(bp_layers, quant, lr):
         t.step(x, y)
     acc = float((t.logits(xt).argmax(1) == yt).float().mean())
     assert acc > 0.8 and acc > start + 0.3, (start, acc)
+
+
+def test_fused_conv_relu_pool_is_bit_identical_to_unfused():
+    torch.manual_seed(3)
+    model = lenet5()
+    fused, plain = IntSequential.from_float(model), IntSequential.from_float(model, fuse=False)
+    assert [type(lay).__name__ for lay in fused.layers[:3]] == ["IntConv2d", "IntFused", "IntFused"]
+    x, _ = batch(n=21)
+    xq, e = quantize(x)
+    for perturb in (None, lambda name, q: (q.to(torch.int16) + 3).clamp(-127, 127).to(torch.int8)):
+        a, ea = fused.forward(xq, e, perturb)
+        b, eb = plain.forward(xq, e, perturb)
+        assert ea == eb and torch.equal(a, b)

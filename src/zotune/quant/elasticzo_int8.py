@@ -74,13 +74,38 @@ def _choice(name: str, value, choices) -> None:
         raise ZotuneError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
 
+UPDATE_CHUNK = 1 << 14
+"""Elements per chunk of a weight update: bounds its int64 temporaries to 128 KiB each, so the
+update never outweighs the forward's activations. Chunks draw from one generator in order."""
+
+
 def _rounded_update(v: torch.Tensor, m: int, s: int, gen: torch.Generator) -> torch.Tensor:
-    """``SR(v * m, s)`` in int64, shift capped at ``MAX_SHIFT``."""
+    """``SR(v * m, s)`` (int64 arithmetic, chunked) as int32; shift capped at ``MAX_SHIFT``."""
+    flat = v.reshape(-1)
+    out = torch.zeros(flat.shape, dtype=torch.int32, device=v.device)
     if m == 0:
-        return torch.zeros_like(v)
+        return out.view(v.shape)
     if s > MAX_SHIFT:
         m, s = m >> (s - MAX_SHIFT), MAX_SHIFT
-    return stochastic_shift(v * m, s, gen)
+    for lo in range(0, flat.numel(), UPDATE_CHUNK):
+        chunk = flat[lo:lo + UPDATE_CHUNK].to(torch.int64) * m
+        out[lo:lo + UPDATE_CHUNK] = stochastic_shift(chunk, s, gen).clamp_(-(1 << 16), 1 << 16)
+    return out.view(v.shape)
+
+
+def _sign_update(z: torch.Tensor, c: int, s: int, gen: torch.Generator) -> torch.Tensor:
+    """``SR(z * c, s)`` for Rademacher ``z`` (int8 +-1) and an integer ``c >= 0``: ``z * (q + [u < r])``
+    with ``q, r = divmod(c, 2**s)`` and ``u`` uniform on ``[0, 2**s)`` (int32; for ``s > 31`` the
+    threshold keeps r's top 31 bits, a bias below 2**-31 LSB). Unbiased like ``stochastic_shift``
+    (E = z c / 2**s) but needs no int64 temporaries: one random int32 per weight."""
+    q, r = divmod(c, 1 << s) if s > 0 else (c << -s, 0)
+    bits = min(s, 31)
+    q = min(q, 1 << 8)  # the weight saturates at +-127 anyway
+    out = z.to(torch.int16) * q
+    if r:
+        u = torch.empty(z.shape, dtype=torch.int32, device=z.device).random_(0, 1 << bits, generator=gen)
+        out += z * (u < (r >> (s - bits)))
+    return out
 
 
 class ElasticZOInt8:
@@ -107,7 +132,7 @@ class ElasticZOInt8:
     def _max_bp_layers(self) -> int:
         count = 0
         for layer in reversed(self.model.layers):
-            if type(layer).__name__ in ("IntConv2d", "IntMaxPool2d"):
+            if type(layer).__name__ in ("IntConv2d", "IntMaxPool2d", "IntFused"):
                 break
             count += layer.kind == "param"
         return count
@@ -167,7 +192,8 @@ class ElasticZOInt8:
                 v = g
             m, s = multiplier(scale)
             gen = rounding_generator(c.seed, self.step_count, ZO_ROUNDING, name, w.device)
-            step = _rounded_update(self._z(name, w).to(torch.int64) * v, m, s, gen)
+            z = self._z(name, w)
+            step = _sign_update(z if v >= 0 else -z, abs(v) * m, s, gen)
             self._apply(name, w, step, e_w, c.lr, gen)
 
     def _update_tail(self, grads: dict, denominator: int) -> None:
@@ -184,10 +210,10 @@ class ElasticZOInt8:
 
     def _apply(self, name: str, w: torch.Tensor, step: torch.Tensor, e_w: int, lr: float, gen) -> None:
         """``w <- sat8(w - step - SR(lr * wd * w))``, weight decay in the same integer form."""
-        new = w.to(torch.int64) - step
+        new = w.to(torch.int32) - step
         if self.config.weight_decay:
             m, s = multiplier(lr * self.config.weight_decay)
-            new -= _rounded_update(w.to(torch.int64), m, s, gen)
+            new -= _rounded_update(w, m, s, gen)
         self.model.set_param(name, saturate8(new))
 
     # ---- the ImageTrainer protocol -------------------------------------------------------------

@@ -72,6 +72,54 @@ def conv_out_size(size: int, k: int, s: int, p: int) -> int:
     return (size + 2 * p - k) // s + 1
 
 
+def _row_runs(x: torch.Tensor, kernel: tuple[int, int]) -> tuple[torch.Tensor, int]:
+    """Stride-1 im2col by image rows: ``x [C, B, H, W]`` (already padded) as ``[C, B, H*W + KW-1]``.
+
+    Output pixel (oh, ow) of kernel offset (kh, kw) reads flat index ``(oh + kh)*W + ow + kw``, so
+    for one offset all outputs of an image are the contiguous run starting at ``kh*W + kw``, if the
+    output is computed on the full width W (columns ``ow >= OW`` are wrap-around garbage, cropped
+    later). The columns are then a strided view with runs of ``OH*W`` elements: one fast copy.
+    """
+    c, b, h, w = x.shape
+    flat = F.pad(x.reshape(c, b, h * w), (0, kernel[1] - 1))
+    return flat, h * w + kernel[1] - 1
+
+
+def conv_tiles(x: torch.Tensor, weight: torch.Tensor, stride: tuple[int, int], padding: tuple[int, int],
+               matmul=int_matmul):
+    """Yield ``(start, stop, acc)``: the int32 convolution ``[O, stop-start, OH, OW]`` of batch
+    tile ``x[:, start:stop]`` (``x [C, B, H, W]`` int8, ``weight [O, C, KH, KW]`` int8), exact.
+
+    Tiles hold at most ``COLUMN_TILE_BYTES`` of int8 columns. ``acc`` may be a strided view (the
+    stride-1 path computes full-width rows and crops); the caller owns it and may modify it.
+    Cost: B*OH*OW*O*C*KH*KW int8 MACs (+ (W - OW)/OW wasted on the stride-1 path).
+    """
+    c, b, h, w = x.shape
+    o, _, kh, kw = weight.shape
+    (sh, sw), (ph, pw) = stride, padding
+    oh, ow = conv_out_size(h, kh, sh, ph), conv_out_size(w, kw, sw, pw)
+    w_mat = weight.reshape(o, -1)
+    rows = (sh, sw) == (1, 1)
+    if rows:
+        xp = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
+        wp = w + 2 * pw
+        flat, per_image = _row_runs(xp, (kh, kw))
+        per_sample = c * kh * kw * oh * wp
+    else:
+        per_sample = c * kh * kw * oh * ow
+    tile = max(1, COLUMN_TILE_BYTES // max(1, per_sample))
+    for start in range(0, b, tile):
+        stop = min(b, start + tile)
+        t = stop - start
+        if rows:
+            view = flat.as_strided((c, kh, kw, t, oh * wp), (b * per_image, wp, 1, per_image, 1),
+                                   flat.storage_offset() + start * per_image)
+            acc = matmul(w_mat, view.reshape(c * kh * kw, t * oh * wp)).view(o, t, oh, wp)[..., :ow]
+        else:
+            acc = matmul(w_mat, im2col(x[:, start:stop], (kh, kw), stride, padding)).view(o, t, oh, ow)
+        yield start, stop, acc
+
+
 def int_conv2d_cnhw(x: torch.Tensor, weight: torch.Tensor, stride: tuple[int, int] = (1, 1),
                     padding: tuple[int, int] = (0, 0), matmul=int_matmul) -> torch.Tensor:
     """2-D convolution (cross-correlation, as ``nn.Conv2d``) of int8 ``x [C, B, H, W]`` with int8
@@ -79,23 +127,15 @@ def int_conv2d_cnhw(x: torch.Tensor, weight: torch.Tensor, stride: tuple[int, in
 
     The integer network keeps spatial activations channels-first ([C, B, H, W]) so that the
     product ``W [O, CKK] @ cols [CKK, B*OH*OW]`` lands in the next layer's layout with no
-    transpose. im2col per batch tile (at most ``COLUMN_TILE_BYTES`` of columns); each tile's
-    int32 product is written straight into the output. Cost: B*OH*OW*O*C*KH*KW int8 MACs.
+    transpose. The tiles of ``conv_tiles`` are written into one output.
     """
     c, b, h, w = x.shape
     o, _, kh, kw = weight.shape
     oh = conv_out_size(h, kh, stride[0], padding[0])
     ow = conv_out_size(w, kw, stride[1], padding[1])
-    w_mat = weight.reshape(o, -1)
     out = torch.empty((o, b, oh, ow), dtype=torch.int32, device=x.device)
-    tile = max(1, COLUMN_TILE_BYTES // max(1, oh * ow * c * kh * kw))
-    if tile >= b:
-        out.view(o, -1).copy_(matmul(w_mat, im2col(x, (kh, kw), stride, padding)))
-        return out
-    for start in range(0, b, tile):
-        stop = min(b, start + tile)
-        cols = im2col(x[:, start:stop], (kh, kw), stride, padding)
-        out[:, start:stop].copy_(matmul(w_mat, cols).view(o, stop - start, oh, ow))
+    for start, stop, acc in conv_tiles(x, weight, stride, padding, matmul):
+        out[:, start:stop].copy_(acc)
     return out
 
 

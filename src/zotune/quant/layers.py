@@ -22,8 +22,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ZotuneError
-from .fixed import QMAX, quantize, requantize, round_shift
-from .int_ops import int_conv2d_cnhw, int_linear, int_matmul
+from .fixed import QMAX, max_abs, quantize, requantize, round_shift
+from .fixed import ceil_log2
+from .int_ops import conv_out_size, conv_tiles, int_conv2d_cnhw, int_linear, int_matmul
 
 Perturb = Callable[[str, torch.Tensor], torch.Tensor]
 
@@ -111,13 +112,55 @@ class IntConv2d(IntParamLayer):
         super().__init__(name, layer.weight, layer.bias, headroom_bits)
         self.stride, self.padding = _pair(layer.stride), _pair(layer.padding)
 
+        self.pool: tuple[tuple[int, int], tuple[int, int]] | None = None  # set by fuse_relu_pool
+
+    def fuse_relu_pool(self, pool: "IntMaxPool2d") -> None:
+        """Run the following ReLU and max-pool inside this layer, on the int32 accumulator.
+
+        Bit-identical to conv -> requantise -> ReLU -> pool (tested): requantisation (a rounding
+        shift, then clamping) and ReLU are monotone non-decreasing maps with q(0) = 0, so they
+        commute with max and with each other; the shift still comes from max|acc| over the whole
+        pre-pool accumulator (tracked per tile). The full-size int32 output is never held: only
+        the pooled one, 1/(k_h k_w) of it.
+        """
+        self.pool = (pool.kernel, pool.stride)
+
     def forward(self, x, e, perturb=None, tape=None):
         if tape is not None:
             raise ZotuneError(f"the integer backprop tail supports Linear, ReLU and Flatten layers; "
                               f"Conv2d {self.name!r} is inside it (use fewer --bp-layers)")
         w, b = self._operands(perturb)
-        acc = int_conv2d_cnhw(x, w, self.stride, self.padding)
-        return self._finish(acc, e + self.e_weight, b, (-1, 1, 1, 1))
+        e_acc = e + self.e_weight
+        bias = None if b is None else _aligned_bias(b, self.e_bias, e_acc).view(-1, 1, 1, 1)
+        if self.pool is None:
+            acc = int_conv2d_cnhw(x, w, self.stride, self.padding)
+            return self._finish(acc, e_acc, b, (-1, 1, 1, 1))
+        (pk, ps), (c, batch, h, wd) = self.pool, x.shape
+        oh = conv_out_size(h, w.shape[2], self.stride[0], self.padding[0])
+        ow = conv_out_size(wd, w.shape[3], self.stride[1], self.padding[1])
+        pooled = torch.empty((w.shape[0], batch, (oh - pk[0]) // ps[0] + 1, (ow - pk[1]) // ps[1] + 1),
+                             dtype=torch.int32, device=x.device)
+        peak = 0
+        for start, stop, acc in conv_tiles(x, w, self.stride, self.padding):
+            if bias is not None:
+                acc += bias
+            peak = max(peak, max_abs(acc))
+            pooled[:, start:stop] = max_pool2d_int(acc, pk, ps, (0, 0))
+        shift = max(0, ceil_log2(peak) - 7)
+        y = round_shift(pooled, shift, inplace=True).clamp_(0, QMAX).to(torch.int8)  # clamp at 0: the ReLU
+        return y, e_acc + shift
+
+
+class IntFused:
+    """Placeholder of a ReLU or max-pool that runs inside the preceding ``IntConv2d``."""
+
+    kind = "fused"
+
+    def __init__(self, layer):
+        self.name = layer.name
+
+    def forward(self, x, e, perturb=None, tape=None):
+        return x, e
 
 
 class IntReLU:
@@ -216,11 +259,13 @@ class IntSequential:
         self.param_layers = [layer for layer in layers if layer.kind == "param"]
 
     @classmethod
-    def from_float(cls, model: nn.Sequential, headroom_bits: int = 1) -> "IntSequential":
+    def from_float(cls, model: nn.Sequential, headroom_bits: int = 1, fuse: bool = True) -> "IntSequential":
         """Convert a float ``nn.Sequential`` of Conv2d / Linear / ReLU / MaxPool2d / Flatten.
 
         Weights and biases are quantised per tensor (round to nearest) with ``headroom_bits`` of
-        headroom, since their exponents then stay fixed for the whole training.
+        headroom, since their exponents then stay fixed for the whole training. ``fuse`` runs each
+        Conv2d -> ReLU -> MaxPool2d (unpadded) as one layer on the int32 accumulator, with
+        identical results and a 4x smaller accumulator (``IntConv2d.fuse_relu_pool``).
         """
         if not isinstance(model, nn.Sequential):
             raise ZotuneError(f"the integer model is converted from an nn.Sequential, got {type(model).__name__}")
@@ -234,6 +279,13 @@ class IntSequential:
                 raise ZotuneError(f"cannot convert layer {name!r} ({type(module).__name__}) to integers; "
                                   f"supported: {', '.join(t.__name__ for t in builders)}")
             layers.append(build(name, module))
+        if fuse:
+            for i in range(len(layers) - 2):
+                conv, relu, pool = layers[i:i + 3]
+                if (isinstance(conv, IntConv2d) and isinstance(relu, IntReLU) and isinstance(pool, IntMaxPool2d)
+                        and pool.padding == (0, 0)):
+                    conv.fuse_relu_pool(pool)
+                    layers[i + 1], layers[i + 2] = IntFused(relu), IntFused(pool)
         return cls(layers)
 
     def params(self) -> dict[str, torch.Tensor]:

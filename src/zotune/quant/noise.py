@@ -19,6 +19,7 @@ ZO_ROUNDING = 1 << 40
 BP_ROUNDING = (1 << 40) + 1
 
 _SIGN_BITS = 16
+_EXPAND_WORDS = 2048
 
 
 def stream_key(seed: int, step: int, stream: int, name: str, chunk: int = 0) -> int:
@@ -34,13 +35,18 @@ def rademacher_int8(seed: int, step: int, name: str, numel: int, device: torch.d
     Cost: numel/16 random words.
     """
     out = torch.empty(numel, dtype=torch.int8, device=device)
-    shifts = torch.arange(_SIGN_BITS, dtype=torch.int32, device=device)
+    shifts = torch.arange(_SIGN_BITS, dtype=torch.int16, device=device)
     for c, (lo, hi) in enumerate(rng.chunk_bounds(numel, chunk_size)):
         n = hi - lo
         words = torch.empty((n + _SIGN_BITS - 1) // _SIGN_BITS, dtype=torch.int32, device=device)
         words.random_(0, 1 << _SIGN_BITS, generator=rng.generator(stream_key(seed, step, PERTURBATION, name, c), device))
-        bits = (words.unsqueeze(1) >> shifts).bitwise_and_(1).view(-1)[:n]
-        out[lo:hi] = bits * 2 - 1
+        words = words.to(torch.int16)  # the 16 random bits, two's complement: bit k is still (w >> k) & 1
+        for w0 in range(0, len(words), _EXPAND_WORDS):  # bounded temporaries (int16, 64 KiB)
+            block = words[w0:w0 + _EXPAND_WORDS]
+            bits = (block.unsqueeze(1) >> shifts).bitwise_and_(1).view(-1)
+            start = lo + w0 * _SIGN_BITS
+            stop = min(hi, start + bits.numel())
+            out[start:stop] = bits[:stop - start].mul_(2).sub_(1)
     return out
 
 
