@@ -16,8 +16,9 @@ One step on an int8 batch ``(x, e_x)`` (research note 3.3 and 3.5; integers only
 
 SR is unbiased stochastic rounding with keyed noise, so updates far below one LSB survive in
 expectation. Both updates are the float rules ``w - lr * g`` expressed in LSBs, so the FP32
-ElasticZO learning rates carry over. Cost: two integer forwards, one or two tail backwards, three
-regenerations of z (two passes, one update), one random integer per updated weight.
+ElasticZO learning rates carry over. Cost: two integer forwards, one or two tail backwards, one
+draw of z per step (kept as int8 for the step: 1 byte per head weight, cheaper than MeZO's three
+regenerations and no larger than the weights), one random integer per updated weight.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import ZotuneError
-from .fixed import multiplier, quantize, saturate8, stochastic_shift
+from .fixed import QMAX, multiplier, quantize, saturate8, stochastic_shift
 from .layers import IntSequential
 from .loss import APPROXIMATIONS, IntCrossEntropy
 from .noise import BP_ROUNDING, ZO_ROUNDING, rademacher_int8, rounding_generator
@@ -128,6 +129,7 @@ class ElasticZOInt8:
         self.tail_names = tail_names
         self.ce = IntCrossEntropy(self.config.frac_bits, self.config.ce_approx)
         self.step_count = 0
+        self._z_cache: dict | None = None
 
     def _max_bp_layers(self) -> int:
         count = 0
@@ -139,7 +141,15 @@ class ElasticZOInt8:
 
     # ---- the perturbation, formed at use -------------------------------------------------------
     def _z(self, name: str, like: torch.Tensor) -> torch.Tensor:
-        return rademacher_int8(self.config.seed, self.step_count, name, like.numel(), like.device).view_as(like)
+        """The step's Rademacher signs of tensor ``name``, drawn once per step and kept (int8, one
+        byte per head weight) until the update; outside a step, drawn afresh."""
+        cache = self._z_cache
+        z = None if cache is None else cache.get(name)
+        if z is None:
+            z = rademacher_int8(self.config.seed, self.step_count, name, like.numel(), like.device).view_as(like)
+            if cache is not None:
+                cache[name] = z
+        return z
 
     def _perturb(self, sign: int):
         amp = sign * self.config.eps_q
@@ -148,7 +158,7 @@ class ElasticZOInt8:
         def perturb(name: str, q: torch.Tensor) -> torch.Tensor:
             if name not in head:
                 return q
-            return saturate8(q.to(torch.int16) + self._z(name, q).to(torch.int16) * amp)
+            return q.to(torch.int16).add_(self._z(name, q), alpha=amp).clamp_(-QMAX, QMAX).to(torch.int8)
         return perturb
 
     # ---- one step ------------------------------------------------------------------------------
@@ -167,6 +177,13 @@ class ElasticZOInt8:
         c = self.config
         grads: dict = {}
         mode = c.tail_grad
+        self._z_cache = {}
+        try:
+            return self._step(x, e_x, labels, grads, mode)
+        finally:
+            self._z_cache = None
+
+    def _step(self, x, e_x, labels, grads, mode):
         loss_plus = self._pass(x, e_x, labels, self._perturb(+1), grads if mode in ("avg", "plus") else None)
         loss_minus = self._pass(x, e_x, labels, self._perturb(-1), grads if mode == "avg" else None)
         if mode == "clean" and self.tail_names:

@@ -16,8 +16,10 @@ CUDA_MIN_ROWS = 17
 on CPU it takes any shape. Other devices get zero padding to those constraints."""
 CUDA_ALIGN = 8
 
-COLUMN_TILE_BYTES = 1 << 18
-"""Budget of one int8 im2col tile (256 KiB): the batch is cut into tiles below this size."""
+COLUMN_TILE_BYTES = 1 << 20
+"""Budget of one int8 im2col tile (1 MiB): the batch is cut into tiles below this size. Smaller
+tiles save memory but pay ~20 tensor ops of Python overhead each (LeNet-5 at batch 64: 256 KiB
+tiles cost 0.4 ms more per forward than 1 MiB, for 1.3 MB less peak memory)."""
 
 
 def _pad_to(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
