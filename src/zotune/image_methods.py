@@ -6,6 +6,8 @@ the same steps.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,7 +42,9 @@ class BackpropTrainer:
         return self.model(images).float()
 
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict()}
+        # copies: torch.optim's load_state_dict keeps the very tensors it is given (momentum
+        # buffers), so a state handed out by reference would go on changing with this trainer
+        return copy.deepcopy({"model": self.model.state_dict(), "optimizer": self.opt.state_dict()})
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
@@ -79,7 +83,8 @@ class ZOTrainer:
 
     def state_dict(self) -> dict:
         self.opt.flush()
-        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict()}
+        return {"model": {k: v.clone() for k, v in self.model.state_dict().items()},
+                "optimizer": self.opt.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])

@@ -51,10 +51,12 @@ def register(name: str, builder: Builder) -> None:
 
 def build_trainer(method: str, model: nn.Module, options: dict) -> ImageTrainer:
     """The trainer of ``method`` for ``model``; a ``ZotuneError`` naming the valid methods."""
-    from . import image_methods  # noqa: F401  (registers the float methods)
     from .errors import ZotuneError
 
     builder = TRAINERS.get(method)
     if builder is None:
         raise ZotuneError(f"unknown method {method!r} for image tasks; valid: {', '.join(sorted(TRAINERS))}")
     return builder(model, dict(options))
+
+
+from . import image_methods  # noqa: E402,F401  (registers backprop, mezo, elasticzo; after TRAINERS exists)
