@@ -114,6 +114,7 @@ class ElasticZOInt8:
 
     def __init__(self, model: nn.Module | IntSequential, config: Int8Config | None = None):
         self.config = config or Int8Config()
+        self.float_model = None if isinstance(model, IntSequential) else model
         self.model = model if isinstance(model, IntSequential) else IntSequential.from_float(model, self.config.headroom_bits)
         self.tail_start = self.model.tail_start(self.config.bp_layers)
         tail_layers = self.model.layers[self.tail_start:]
@@ -250,7 +251,18 @@ class ElasticZOInt8:
         z, gradients and rounding noise live only inside a step)."""
         return sum(t.numel() * t.element_size() for t in self.model.params().values())
 
+    @torch.no_grad()
+    def sync_float_model(self) -> None:
+        """Write the dequantised integer weights into the float model this trainer was built from
+        (so its checkpoints and exports hold the trained weights). Not part of training."""
+        if self.float_model is None:
+            return
+        params = dict(self.float_model.named_parameters())
+        for name, value in self.model.to_float_state().items():
+            params[name].copy_(value)
+
     def state_dict(self) -> dict:
+        self.sync_float_model()
         return {"method": "elasticzo-int8", "step": self.step_count, "config": asdict(self.config),
                 "params": {k: v.clone() for k, v in self.model.params().items()},
                 "exponents": dict(self.model.exponents())}
