@@ -258,3 +258,31 @@ def test_fused_conv_relu_pool_is_bit_identical_to_unfused():
         a, ea = fused.forward(xq, e, perturb)
         b, eb = plain.forward(xq, e, perturb)
         assert ea == eb and torch.equal(a, b)
+
+
+def test_integer_loss_difference_has_the_float_sign():
+    """On a trained toy model, sign(L_q(+) - L_q(-)) matches the float loss difference of the same
+    dequantised +-eps_q z weights in >= 95% of 120 draws at eps_q = 4 (measured: 98%; 95% at
+    eps_q = 2, 93.5% at 1, where int8 activation rounding flips more of the near-zero differences)."""
+    t = ElasticZOInt8(mlp(), Int8Config(bp_layers=1, lr=2e-2, lr_bp=5e-2, seed=1, eps_q=4))
+    for s in range(150):
+        t.step(*_blobs(32, s + 1))
+    agree, draws = 0, 120
+    exps = t.model.exponents()
+    for k in range(draws):
+        x, y = _blobs(64, 1000 + k)
+        xq, e = quantize(x)
+        t._z_cache = {}
+        delta_int = t._pass(xq, e, y, t._perturb(+1), None) - t._pass(xq, e, y, t._perturb(-1), None)
+        losses = []
+        for sign in (+1, -1):
+            state = {n: (q.double() + (sign * 4 * t._z(n, q).double() if n in t.head_names else 0)).clamp(-127, 127)
+                     * 2.0 ** exps[n] for n, q in t.model.params().items()}
+            reference = mlp().double()
+            reference.load_state_dict(state)
+            with torch.no_grad():
+                losses.append(float(nn.functional.cross_entropy(reference(x.double()), y)))
+        t._z_cache = None
+        agree += (delta_int > 0) == (losses[0] - losses[1] > 0)
+        t.step_count += 1
+    assert agree / draws >= 0.95, agree / draws
