@@ -48,7 +48,7 @@ class Int8Config:
     lr_bp: float = 1e-2         # backprop (tail) learning rate
     eps_q: int = 1              # perturbation amplitude in weight LSBs
     seed: int = 0
-    bp_layers: int = 2          # last parametrised layers trained by integer backprop
+    bp_layers: int = 1          # last parametrised layers trained by integer backprop (as FP32 ElasticZO)
     tail_grad: str = "avg"
     weight_decay: float = 0.0
     frac_bits: int = 8          # F of the integer CE
