@@ -234,3 +234,19 @@ def test_llm_zo_blocks_with_a_backprop_last_block_under_lora():
     moved = {n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])}
     assert any(".layers.1." in n and "lora_B" in n for n in moved)  # the tail took a gradient step
     assert any(".layers.0." in n for n in moved)                    # the head a ZO step
+
+
+def test_deferred_and_immediate_updates_agree_bitwise():
+    x, y = classification_batch(n=32)
+    out = []
+    for defer in (False, True):
+        m = net()
+        opt = ZOOptimizer(m, lr=1e-2, eps=1e-3, method="elasticzo", bp_layers=2, lr_bp=0.1, tail_grad="clean",
+                          defer_update=defer, seed=2)
+        losses = [opt.step(closure_of(m, x, y)) for _ in range(5)]
+        opt.flush()
+        out.append((losses, params(m), opt.engine.sweeps))
+    assert out[0][0] == out[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(out[0][1], out[1][1]))
+    # per step: the three points, the in-place tail update (no draws), the head update (immediate)
+    assert out[0][2] - out[1][2] == 4
