@@ -292,3 +292,38 @@ def test_smollm2_lora_elasticzo_memory_stays_near_inference():
     opt.step(closure)
     step = peak_bytes(lambda: opt.step(closure))
     assert step < 1.5 * inference, (step, inference)
+
+
+def test_a_step_stopped_between_its_points_resumes_bitwise():
+    """Ctrl-C after the + pass: the engine keeps that pass's loss and tail gradient, and the
+    resumed step differentiates the - pass (the point is read from the engine), bitwise."""
+    x, y = classification_batch(n=32)
+
+    def make():
+        m = net()
+        return m, ZOOptimizer(m, lr=1e-2, eps=1e-3, method="elasticzo", bp_layers=2, lr_bp=0.1,
+                              tail_update="momentum", seed=4)
+
+    ref, ref_opt = make()
+    ref_losses = [ref_opt.step(closure_of(ref, x, y)) for _ in range(3)]
+    m, opt = make()
+    opt.step(closure_of(m, x, y))
+    calls = [0]
+
+    def stopping():
+        calls[0] += 1
+        if calls[0] == 2:
+            raise KeyboardInterrupt
+        return F.cross_entropy(m(x), y)
+
+    with pytest.raises(KeyboardInterrupt):
+        opt.step(stopping)
+    state, weights = copy.deepcopy(opt.state_dict()), copy.deepcopy(m.state_dict())
+    m2 = net()
+    m2.load_state_dict(weights)
+    opt2 = ZOOptimizer(m2, lr=1e-2, eps=1e-3, method="elasticzo", bp_layers=2, lr_bp=0.1,
+                       tail_update="momentum", seed=4)
+    opt2.load_state_dict(state)
+    losses = [opt2.step(closure_of(m2, x, y)) for _ in range(2)]
+    assert losses == ref_losses[1:]
+    assert all(torch.equal(p, q) for p, q in zip(m2.parameters(), ref.parameters()))
