@@ -210,24 +210,30 @@ def gradient_of(loss_fn, engine, wrt) -> DenseGrad:
     return DenseGrad({i: g for i, g in zip(wrt, grads) if g is not None})
 
 
-def losses_and_grads(evaluate, objectives, engine, wrt, grad_at, num_points: int) -> LossesAndGrads:
-    r"""The answer to a ``losses+grad`` query: ``evaluate(objective)`` (the engine's walk over the
-    plan's points) with an objective that, at the points in ``grad_at``, also differentiates the
-    mean of ``objectives`` with respect to the layout tensors ``wrt``.
+def _nonzero(terms) -> tuple:
+    return tuple((k, a) for k, a in terms if a != 0.0)
+
+
+def losses_and_grads(evaluate, objectives, engine, plan: ProbePlan, wrt, grad_at) -> LossesAndGrads:
+    r"""The answer to a ``losses+grad`` query: ``evaluate(objective)`` (the engine's walk over
+    ``plan``'s points) with an objective that, at the points in ``grad_at``, also differentiates
+    the mean of ``objectives`` with respect to the layout tensors ``wrt``.
 
     Only ``wrt`` have ``requires_grad`` during such a point (:func:`_grad_only`), so autograd
     records the ops downstream of them and nothing upstream: no graph, no stored activation for
     the other tensors (ElasticZO's head). Each micro-batch's graph is freed by its own backward.
-    Points not in ``grad_at`` run without grad, as for ``losses``. Cost per gradient point: one
-    backward through the part of the model after the first ``wrt`` tensor."""
+    Points not in ``grad_at`` run without grad, as for ``losses``. The point being evaluated is
+    read from ``engine.current`` (so an evaluation an engine continues after a stop still
+    differentiates the right points), and each answer is plain containers, ``(loss, {index:
+    gradient})``, which an engine may keep in its state. Cost per gradient point: one backward
+    through the part of the model after the first ``wrt`` tensor."""
     wanted = [engine.parameter(i) for i in wrt]
     trainable = [engine.parameter(t.index) for t in engine.layout]
-    counter = iter(range(num_points))
-    grad_at = set(grad_at)
+    points = [_nonzero(plan.point_terms(i)) for i in range(plan.num_points)]
+    grad_points = [points[i] for i in sorted(set(grad_at))]
 
     def objective():
-        i = next(counter)
-        if i not in grad_at:
+        if _nonzero(engine.current) not in grad_points:
             return float(sum(float(fn()) for fn in objectives) / len(objectives)), None
         total, grads = 0.0, None
         with torch.enable_grad(), _grad_only(wanted, trainable):
@@ -239,14 +245,12 @@ def losses_and_grads(evaluate, objectives, engine, wrt, grad_at, num_points: int
                 value = float(loss.detach())
                 total += value
                 if not math.isfinite(value):
-                    grads = None
-                    break
+                    return value, {}
                 parts = torch.autograd.grad(loss / len(objectives), wanted, allow_unused=True)
                 grads = list(parts) if grads is None else [a if b is None else (b if a is None else a + b)
                                                            for a, b in zip(grads, parts)]
-        if grads is None:
-            return total / len(objectives), DenseGrad({})
-        return total / len(objectives), DenseGrad({j: g for j, g in zip(wrt, grads) if g is not None})
+        return total / len(objectives), {j: g for j, g in zip(wrt, grads) if g is not None}
 
     answers = evaluate(objective)
-    return LossesAndGrads(tuple(a[0] for a in answers), tuple(a[1] for a in answers))
+    return LossesAndGrads(tuple(a[0] for a in answers),
+                          tuple(None if a[1] is None else DenseGrad(a[1]) for a in answers))

@@ -139,7 +139,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             answer = gradient_of(lambda: sum(fn() for fn in fns) / len(fns), self.core.engine, query.wrt)
         elif query.kind == "losses+grad":  # ElasticZO: ZO losses and the tail's gradients
             answer = losses_and_grads(lambda objective: self.evaluate(query, objective), fns,
-                                      self.core.engine, query.wrt, query.grad_at, query.num_points)
+                                      self.core.engine, query.plan, query.wrt, query.grad_at)
         else:  # a lone objective reaches the engine as it is (an engine may drive a structured one)
             answer = Losses(self.evaluate(query, fns[0] if len(fns) == 1 else MicroBatches(fns)))
         # counted once answered: a query stopped half-way (Ctrl-C) is asked again on resume

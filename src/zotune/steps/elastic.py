@@ -23,8 +23,11 @@ The query is ``losses+grad`` with ``wrt`` = the tail tensors: only they have ``r
 during a gradient point, so autograd records nothing for the head (no graph, no stored head
 activation: memory of inference plus the tail's activations, gradient and rule state). Cost per
 step: the estimator's forwards (+1 for ``clean``) and one tail-only backward per gradient point
-(2 for ``avg``, 1 otherwise). With an empty tail the step is the estimator's step exactly; with an
-empty head, the tail rule's plain first-order step.
+(2 for ``avg``, 1 otherwise); the tail update is held and applied in place by the head update's
+first move (one pass over the tail, no random numbers), so the head sees exactly the estimator's
+own sweeps, deferred or not (tested bitwise). With an empty tail the step is the estimator's step
+exactly; with an empty head, the tail rule's plain first-order step. If the estimator declines a
+step (FZOO without spread) the tail update is still applied; a non-finite loss skips both.
 """
 from __future__ import annotations
 
@@ -87,14 +90,12 @@ class ElasticStep(EstimateStep):
         grads = [g for g in feedback.grads if g is not None]
         losses = Losses(feedback.values[:n])
         finite = feedback.finite and all(g.tensors for g in grads)
-        tail_update = self.tail_update(core, grads, tail) if finite else None
-        # Without deferral the head update's sweep restores the head, and the tail update then
-        # touches only the tail (no draws); with deferral the tail goes first, the head's is held.
-        if tail_update is not None and core.defer_update:
-            core.engine.apply(tail_update)
+        if finite:
+            # Held first, so that the head's update (applied or held by the estimate step) finds
+            # it pending and applies it in place, touching only the tail: the head's sweeps are
+            # then exactly the estimator's own, deferred or not (bitwise MeZO's for an empty tail).
+            core.engine.apply(self.tail_update(core, grads, tail), defer=True)
         super().tell(core, losses)
-        if tail_update is not None and not core.defer_update and not self.skipped:
-            core.engine.apply(tail_update)
 
     def tail_update(self, core, grads: list[DenseGrad], tail: tuple[int, ...]) -> Update:
         """The tail rule's update of the mean of the gradient points' tail gradients."""
