@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
 
@@ -174,28 +175,20 @@ def main() -> None:
     ap.add_argument("--eps", type=float, default=1e-3)
     ap.add_argument("--time-rounds", type=int, default=60)
     ap.add_argument("--skip-accuracy", action="store_true")
+    ap.add_argument("--skip-timing", action="store_true", help="accuracy runs only (no time/memory/GEMM rows)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     data = load_fashion_mnist(args.data_dir)
     with open("/proc/loadavg") as f:
         print(json.dumps({"loadavg_start": f.read().split()[:3]}), flush=True)
-    for row in gemm_speed(args.batch_size):
+    for row in [] if args.skip_timing else gemm_speed(args.batch_size):
         print(json.dumps(row), flush=True)
     for k in args.splits:
         options = {"lr": args.lr, "lr_bp": args.lr_bp, "eps": args.eps, "seed": 0, "bp_layers": k,
                    "tail_grad": "avg", "momentum": 0.0, "weight_decay": 0.0}
         batches = Batches(data.train_images, data.train_labels, "fashion-mnist", args.batch_size, 0)
-        # time first: a profiler session (the memory measurement) can leave the process slower
-        tps = measure_time(("int8", "fp32", "lean"), options, batches, args.time_rounds)
-        mem = {m: measure_memory(m, options, batches) for m in ("int8", "fp32", "lean")}
-        row = {"bp_layers": k, "memory": mem, "time_per_step_s": tps,
-               "memory_ratio_fp32_over_int8": mem["fp32"]["peak_bytes"] / mem["int8"]["peak_bytes"],
-               "memory_ratio_lean_over_int8": mem["lean"]["peak_bytes"] / mem["int8"]["peak_bytes"],
-               "cpu_time_ratio_fp32_over_int8": tps["cpu"]["fp32"] / tps["cpu"]["int8"],
-               "cpu_time_ratio_lean_over_int8": tps["cpu"]["lean"] / tps["cpu"]["int8"],
-               "wall_time_ratio_fp32_over_int8": tps["wall"]["fp32"] / tps["wall"]["int8"],
-               "wall_time_ratio_lean_over_int8": tps["wall"]["lean"] / tps["wall"]["int8"]}
-        print(json.dumps(row), flush=True)
+        if not args.skip_timing:
+            timing_row(args, options, batches, k)
         if args.skip_accuracy:
             continue
         for seed in args.seeds:
@@ -205,12 +198,32 @@ def main() -> None:
                 trainer = build(method, fresh_model(seed), options)
                 t0 = time.perf_counter()
                 losses = [trainer.step(*batches.batch(s)) for s in range(args.steps)]
+                finite = [v for v in losses if math.isfinite(v)]
                 print(json.dumps({"bp_layers": k, "seed": seed, "method": method, "steps": args.steps,
+                                  "lr": args.lr, "lr_bp": args.lr_bp,
                                   "test_accuracy": accuracy(trainer, data),
-                                  "final_train_loss": sum(losses[-100:]) / len(losses[-100:]),
+                                  "diverged_at": next((i + 1 for i, v in enumerate(losses) if not math.isfinite(v)), None),
+                                  "train_loss_last100": sum(losses[-100:]) / 100,
+                                  "train_loss_curve": [round(sum(finite[i:i + 250]) / max(1, len(finite[i:i + 250])), 4)
+                                                       for i in range(0, len(finite), 250)],
                                   "wall_s": time.perf_counter() - t0}), flush=True)
     with open("/proc/loadavg") as f:
         print(json.dumps({"loadavg_end": f.read().split()[:3]}), flush=True)
+
+
+def timing_row(args, options, batches, k) -> None:
+    """Time (first: a profiler session, the memory measurement, can leave a process slower) and
+    memory of int8, fp32 and lean at split ``k``; prints one JSON row."""
+    tps = measure_time(("int8", "fp32", "lean"), options, batches, args.time_rounds)
+    mem = {m: measure_memory(m, options, batches) for m in ("int8", "fp32", "lean")}
+    row = {"bp_layers": k, "memory": mem, "time_per_step_s": tps,
+           "memory_ratio_fp32_over_int8": mem["fp32"]["peak_bytes"] / mem["int8"]["peak_bytes"],
+           "memory_ratio_lean_over_int8": mem["lean"]["peak_bytes"] / mem["int8"]["peak_bytes"],
+           "cpu_time_ratio_fp32_over_int8": tps["cpu"]["fp32"] / tps["cpu"]["int8"],
+           "cpu_time_ratio_lean_over_int8": tps["cpu"]["lean"] / tps["cpu"]["int8"],
+           "wall_time_ratio_fp32_over_int8": tps["wall"]["fp32"] / tps["wall"]["int8"],
+           "wall_time_ratio_lean_over_int8": tps["wall"]["lean"] / tps["wall"]["int8"]}
+    print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":
