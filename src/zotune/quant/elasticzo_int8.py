@@ -159,7 +159,11 @@ class ElasticZOInt8:
         def perturb(name: str, q: torch.Tensor) -> torch.Tensor:
             if name not in head:
                 return q
-            return q.to(torch.int16).add_(self._z(name, q), alpha=amp).clamp_(-QMAX, QMAX).to(torch.int8)
+            z = self._z(name, q)
+            if amp in (1, -1):  # int8 add; only +-127 +- 1 wraps (to -128): put back the saturated value
+                out = q + z if amp == 1 else q - z
+                return torch.where(out == -128, q, out)
+            return q.to(torch.int16).add_(z, alpha=amp).clamp_(-QMAX, QMAX).to(torch.int8)
         return perturb
 
     # ---- one step ------------------------------------------------------------------------------
@@ -228,10 +232,10 @@ class ElasticZOInt8:
 
     def _apply(self, name: str, w: torch.Tensor, step: torch.Tensor, e_w: int, lr: float, gen) -> None:
         """``w <- sat8(w - step - SR(lr * wd * w))``, weight decay in the same integer form."""
-        new = w.to(torch.int32) - step
+        new = w.to(step.dtype) - step
         if self.config.weight_decay:
             m, s = multiplier(lr * self.config.weight_decay)
-            new -= _rounded_update(w, m, s, gen)
+            new = new - _rounded_update(w, m, s, gen)
         self.model.set_param(name, saturate8(new))
 
     # ---- the ImageTrainer protocol -------------------------------------------------------------

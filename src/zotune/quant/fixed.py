@@ -47,9 +47,15 @@ def quantize(x: torch.Tensor, headroom_bits: int = 0, exponent: int | None = Non
     The exponent is per tensor, from ``max|x|`` unless given. This is the float boundary: used on
     the input batch and on float initial weights, never inside an integer training step.
     """
+    x = x.detach()
     if exponent is None:
-        exponent = exponent_for(float(x.detach().abs().max()) if x.numel() else 0.0, headroom_bits=headroom_bits)
-    q = torch.round(x.detach() * 2.0 ** (-exponent)).clamp_(-QMAX, QMAX).to(torch.int8)
+        if x.numel():
+            lo, hi = torch.aminmax(x)
+            top = max(float(hi), -float(lo))
+        else:
+            top = 0.0
+        exponent = exponent_for(top, headroom_bits=headroom_bits)
+    q = (x * 2.0 ** (-exponent)).round_().clamp_(-QMAX, QMAX).to(torch.int8)
     return q, exponent
 
 
