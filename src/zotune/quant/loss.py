@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from .fixed import pseudo_stochastic_shift, round_shift, saturate8, ceil_log2
+from .fixed import pseudo_stochastic_shift, round_shift, saturate8
 
 LOG2E_Q15 = 47274
 """log2(e) = 1.442695... in Q15."""
@@ -59,6 +59,8 @@ class IntCrossEntropy:
             exp_table = [(1 << PROB_BITS) - (f << (PROB_BITS - frac_bits - 1)) for f in range(n)]
             log_table = list(range(n + 1))
         self.exp_table = torch.tensor(exp_table, dtype=torch.int64, device=device)
+        self._pow2 = torch.tensor([1 << i for i in range(62)], dtype=torch.int64, device=device)
+        self._leads: dict = {}
         self.log_table = torch.tensor(log_table, dtype=torch.int64, device=device)
 
     def _base2_logits(self, logits: torch.Tensor, e: int) -> torch.Tensor:
@@ -75,14 +77,25 @@ class IntCrossEntropy:
         return v, vmax, self.exp_table[frac] >> whole
 
     def _log2(self, s: torch.Tensor, classes: int) -> torch.Tensor:
-        """``log2(s / 2**P)`` in Q(F) for ``s`` in [2**P, classes * 2**P]."""
+        """``log2(s / 2**P)`` in Q(F) for ``s`` in [2**P, classes * 2**P].
+
+        The leading-bit position ``top = floor(log2 s)`` comes from a table of bit lengths of
+        ``s >> P`` (in [1, classes]); the fraction from ``log_table`` at the rounded top F bits
+        below the leading one."""
         f = self.frac_bits
-        top = torch.full_like(s, PROB_BITS)
-        for j in range(PROB_BITS + 1, PROB_BITS + ceil_log2(classes) + 1):
-            top += (s >= (1 << j)).to(torch.int64)
-        rest = s - (torch.ones_like(s) << top)
-        index = ((rest << f) + (torch.ones_like(s) << (top - 1))) >> top
-        return ((top - PROB_BITS) << f) + self.log_table[index]
+        lead = self._lead_table(classes, s.device)[s >> PROB_BITS]
+        top = lead + PROB_BITS
+        rest = s - self._pow2[top]
+        index = ((rest << f) + self._pow2[top - 1]) >> top
+        return (lead << f) + self.log_table[index]
+
+    def _lead_table(self, classes: int, device) -> torch.Tensor:
+        table = self._leads.get((classes, device))
+        if table is None:
+            table = torch.tensor([max(v.bit_length() - 1, 0) for v in range(classes + 1)], dtype=torch.int64,
+                                 device=device)
+            self._leads[(classes, device)] = table
+        return table
 
     def __call__(self, logits: torch.Tensor, e: int, labels: torch.Tensor) -> torch.Tensor:
         """Per-sample loss ``l_q`` (int64 ``[B]``, >= 0) of int8 ``logits [B, C]`` with exponent ``e``."""

@@ -20,6 +20,7 @@ BP_ROUNDING = (1 << 40) + 1
 
 _SIGN_BITS = 16
 _EXPAND_WORDS = 2048
+_SHIFTS: dict = {}
 
 
 def stream_key(seed: int, step: int, stream: int, name: str, chunk: int = 0) -> int:
@@ -35,7 +36,9 @@ def rademacher_int8(seed: int, step: int, name: str, numel: int, device: torch.d
     Cost: numel/16 random words.
     """
     out = torch.empty(numel, dtype=torch.int8, device=device)
-    shifts = torch.arange(_SIGN_BITS, dtype=torch.int16, device=device)
+    shifts = _SHIFTS.get(torch.device(device))
+    if shifts is None:
+        shifts = _SHIFTS[torch.device(device)] = torch.arange(_SIGN_BITS, dtype=torch.int16, device=device)
     for c, (lo, hi) in enumerate(rng.chunk_bounds(numel, chunk_size)):
         n = hi - lo
         words = torch.empty((n + _SIGN_BITS - 1) // _SIGN_BITS, dtype=torch.int32, device=device)
