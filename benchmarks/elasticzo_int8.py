@@ -176,6 +176,7 @@ def main() -> None:
     ap.add_argument("--time-rounds", type=int, default=60)
     ap.add_argument("--skip-accuracy", action="store_true")
     ap.add_argument("--skip-timing", action="store_true", help="accuracy runs only (no time/memory/GEMM rows)")
+    ap.add_argument("--methods", nargs="+", default=["int8", "fp32"], help="methods of the accuracy runs")
     args = ap.parse_args()
     torch.set_num_threads(1)
     data = load_fashion_mnist(args.data_dir)
@@ -194,7 +195,7 @@ def main() -> None:
         for seed in args.seeds:
             options = {**options, "seed": seed}
             batches = Batches(data.train_images, data.train_labels, "fashion-mnist", args.batch_size, seed)
-            for method in ("int8", "fp32"):
+            for method in args.methods:
                 trainer = build(method, fresh_model(seed), options)
                 t0 = time.perf_counter()
                 losses = [trainer.step(*batches.batch(s)) for s in range(args.steps)]

@@ -56,11 +56,13 @@ class Int8Config:
     zo_grad_quant: str = "fixed_shift"
     dynamic_bits: int = 7       # mu of the dynamic ZO gradient quantisation
     headroom_bits: int = 1      # fixed weight exponents leave the weights room to grow 2**headroom
+    error_rounding: str = "nearest"  # of back-propagated errors: nearest, or NITI's pseudo (biased low)
 
     def __post_init__(self):
         _choice("tail_grad", self.tail_grad, TAIL_GRADS)
         _choice("zo_grad_quant", self.zo_grad_quant, ZO_GRAD_QUANTS)
         _choice("ce_approx", self.ce_approx, APPROXIMATIONS)
+        _choice("error_rounding", self.error_rounding, ("nearest", "pseudo"))
         if not isinstance(self.eps_q, int) or not 1 <= self.eps_q <= 64:
             raise ZotuneError(f"eps_q must be an integer number of weight LSBs in [1, 64], got {self.eps_q!r}")
         for name in ("lr", "lr_bp", "weight_decay"):
@@ -172,9 +174,10 @@ class ElasticZOInt8:
         h, e_h = self.model.forward(x, e_x, perturb, 0, self.tail_start)
         tape = [] if grads is not None and self.tail_names else None
         out, e_out = self.model.forward(h, e_h, None, self.tail_start, None, tape)
-        loss, err = self.ce.loss_and_error(out, e_out, labels, error=tape is not None)
+        rounding = self.config.error_rounding
+        loss, err = self.ce.loss_and_error(out, e_out, labels, error=tape is not None, rounding=rounding)
         if tape is not None:
-            self.model.backward(tape, err[0], err[1], grads)
+            self.model.backward(tape, err[0], err[1], grads, rounding)
         return int(loss.sum())
 
     def step_quantized(self, x: torch.Tensor, e_x: int, labels: torch.Tensor) -> tuple[int, int]:

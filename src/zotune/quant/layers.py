@@ -89,16 +89,17 @@ class IntLinear(IntParamLayer):
             tape.append((self, (x, e, w)))
         return self._finish(int_linear(x, w), e + self.e_weight, b, (1, -1))
 
-    def backward(self, saved, err: torch.Tensor, e_err: int, grads: dict, need_input_error: bool):
+    def backward(self, saved, err: torch.Tensor, e_err: int, grads: dict, need_input_error: bool,
+                 rounding: str = "nearest"):
         """NITI-style: ``dW = err^T x`` and ``db = sum err`` (exact integers, accumulated into
-        ``grads``), ``err_prev = err W`` requantised to int8 by pseudo-stochastic rounding."""
+        ``grads``), ``err_prev = err W`` requantised to int8 (``rounding``: nearest or pseudo)."""
         x, e_x, w = saved
         _accumulate(grads, f"{self.name}.weight", int_matmul(err.t(), x), e_err + e_x)
         if self.bias is not None:
             _accumulate(grads, f"{self.name}.bias", err.sum(dim=0), e_err)
         if not need_input_error:
             return None, 0
-        return requantize(int_matmul(err, w), e_err + self.e_weight, rounding="pseudo")
+        return requantize(int_matmul(err, w), e_err + self.e_weight, rounding=rounding)
 
 
 class IntConv2d(IntParamLayer):
@@ -175,7 +176,7 @@ class IntReLU:
             tape.append((self, y))
         return y, e
 
-    def backward(self, y, err, e_err, grads, need_input_error):
+    def backward(self, y, err, e_err, grads, need_input_error, rounding="nearest"):
         return torch.where(y > 0, err, torch.zeros_like(err)), e_err
 
 
@@ -210,7 +211,7 @@ class IntFlatten:
             return x.transpose(0, 1).reshape(x.shape[1], -1), e
         return x.reshape(x.shape[0], -1), e
 
-    def backward(self, shape, err, e_err, grads, need_input_error):
+    def backward(self, shape, err, e_err, grads, need_input_error, rounding="nearest"):
         if len(shape) == 4:
             c, b, h, w = shape
             return err.reshape(b, c, h, w).transpose(0, 1), e_err
@@ -327,11 +328,12 @@ class IntSequential:
             x, e = layer.forward(x, e, perturb, tape)
         return x, e
 
-    def backward(self, tape: list, err: torch.Tensor, e_err: int, grads: dict) -> None:
-        """Integer backward through the recorded layers, accumulating int64 gradients into ``grads``."""
+    def backward(self, tape: list, err: torch.Tensor, e_err: int, grads: dict, rounding: str = "nearest") -> None:
+        """Integer backward through the recorded layers, accumulating integer gradients into ``grads``;
+        ``rounding`` of the back-propagated errors: ``nearest`` or NITI's ``pseudo``."""
         for i in range(len(tape) - 1, -1, -1):
             layer, saved = tape[i]
-            err, e_err = layer.backward(saved, err, e_err, grads, need_input_error=i > 0)
+            err, e_err = layer.backward(saved, err, e_err, grads, need_input_error=i > 0, rounding=rounding)
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """Float logits for evaluation: quantise the images, integer forward, dequantise."""

@@ -101,12 +101,13 @@ class IntCrossEntropy:
         """Per-sample loss ``l_q`` (int64 ``[B]``, >= 0) of int8 ``logits [B, C]`` with exponent ``e``."""
         return self.loss_and_error(logits, e, labels, error=False)[0]
 
-    def loss_and_error(self, logits: torch.Tensor, e: int, labels: torch.Tensor, error: bool = True):
+    def loss_and_error(self, logits: torch.Tensor, e: int, labels: torch.Tensor, error: bool = True,
+                       rounding: str = "nearest"):
         """``(l_q [B], (err int8 [B, C], e_err) or None)``.
 
         ``err ~= (softmax - onehot) * 2**-e_err`` is the gradient of the per-sample natural CE with
         respect to the real logits: ``p_j * 2**G // S - 2**G [j == y]`` narrowed to int8 by a
-        pseudo-stochastic shift of ``G - 7`` bits, so ``e_err = -7``.
+        shift of ``G - 7`` bits (``rounding``: nearest, or NITI's pseudo-stochastic), so ``e_err = -7``.
         """
         v, vmax, p = self._exp2(logits, e)
         s = p.sum(dim=1)
@@ -118,4 +119,5 @@ class IntCrossEntropy:
         prob = torch.div(p << ERROR_BITS, s.unsqueeze(1), rounding_mode="floor")
         prob[rows, lab] -= 1 << ERROR_BITS
         shift = ERROR_BITS - 7
-        return loss, (saturate8(pseudo_stochastic_shift(prob, shift)), shift - ERROR_BITS)
+        narrowed = round_shift(prob, shift) if rounding == "nearest" else pseudo_stochastic_shift(prob, shift)
+        return loss, (saturate8(narrowed), shift - ERROR_BITS)
