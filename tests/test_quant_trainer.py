@@ -156,16 +156,17 @@ def _float_tail_grads(t, xq, e, y):
     return {n: p.grad for n, p in leaves}
 
 
-def test_integer_tail_gradient_matches_float_backprop():
+@pytest.mark.parametrize("rounding", ["nearest", "pseudo"])
+def test_integer_tail_gradient_matches_float_backprop(rounding):
     torch.manual_seed(1)
-    t = ElasticZOInt8(lenet5(), Int8Config(bp_layers=3, tail_grad="plus"))
+    t = ElasticZOInt8(lenet5(), Int8Config(bp_layers=3, tail_grad="plus", error_rounding=rounding))
     x, y = batch(n=64, seed=2)
     xq, e = quantize(x)
     grads, tape = {}, []
     h, e_h = t.model.forward(xq, e, None, 0, t.tail_start)
     out, e_out = t.model.forward(h, e_h, None, t.tail_start, None, tape)
-    _, (err, e_err) = t.ce.loss_and_error(out, e_out, y)
-    t.model.backward(tape, err, e_err, grads)
+    _, (err, e_err) = t.ce.loss_and_error(out, e_out, y, rounding=rounding)
+    t.model.backward(tape, err, e_err, grads, rounding)
     ref = _float_tail_grads(t, xq, e, y)
     for name in t.tail_names:
         g, e_g = grads[name]
