@@ -203,8 +203,10 @@ def test_bad_tails_are_one_line_errors():
         ZOOptimizer(m, lr=1e-3, method="elasticzo", tail_grad="both")
     with pytest.raises(ValueError, match="zo-cons runs the 'conservative' step"):
         ZOOptimizer(m, lr=1e-3, method="zo-cons", bp_layers=1)
-    with pytest.raises(ValueError, match="bp_layers needs the model"):
-        tail_names(None, ["0.weight"], bp_layers=1)
+    # without the model, the layers are the parameters' owners by name
+    assert tail_names(None, ["0.weight", "0.bias", "2.weight", "2.bias"], bp_layers=1) == {"2.weight", "2.bias"}
+    with pytest.raises(ZotuneError, match=r"bp_layers=3 is not in 0\.\.2: the model has 2 parametrised layers \(0, 2\)"):
+        tail_names(None, ["0.weight", "2.weight"], bp_layers=3)
 
 
 def test_choose_tail_returns_the_longest_tail_that_fits():

@@ -240,6 +240,19 @@ def test_cli_bad_inputs_are_one_line_errors(fm_dir, tmp_path, capsys):
     assert "unknown tail_grad 'both'; valid: avg, plus, clean" in err
 
 
+def test_cli_cifar10_with_augmentation_and_a_batchnorm_cnn(tmp_path):
+    write_cifar(tmp_path / "data", n=16)
+    out = tmp_path / "run"
+    args = ["train", "--task", "cifar10", "--model", "cnn-3700", "--data-dir", str(tmp_path / "data"),
+            "--method", "elasticzo", "--bp-layers", "1", "--augment", "--batch-size", "8", "--steps", "3",
+            "--eval-every", "3", "--output-dir", str(out), "--quiet"]
+    assert cli.main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["test_examples"] == 16
+    bn = load_file(str(out / "checkpoints" / "step-0000003" / "trainable.safetensors"))["0.1.num_batches_tracked"]
+    assert int(bn) == 3  # BatchNorm's running statistics: one update per step, not per pass
+
+
 def test_cli_runs_elasticzo_int8_and_resumes_bitwise(fm_dir, tmp_path, capsys):
     """The integer method through the recipe: same run directory, and exact resume of its int8 state."""
     straight, split = tmp_path / "straight8", tmp_path / "split8"

@@ -4,7 +4,9 @@ A model's *parametrised layers*, in forward order, are the units of its block ta
 trainable tensor: for an ``nn.Sequential`` its children (a nested ``Sequential`` or a residual
 block is one unit), for a transformer its embeddings, each block, the final norm and the head.
 The tail of ``bp_layers = k`` is the last k of them; a tail may also be given by module names.
-Other models (no block table) use their leaf modules with parameters, in registration order.
+Other models (no block table) use their leaf modules with parameters, in registration order;
+without the model (``ZOOptimizer(named_parameters(), ...)``) the layers are the modules that own
+the parameters, read from the names (``fc1.weight`` -> ``fc1``), in order.
 """
 from __future__ import annotations
 
@@ -36,9 +38,15 @@ def parametrised_layers(model: nn.Module, trainable: Iterable[str]) -> list[str]
     return [path for path in layer_paths(model) if any(_inside(n, path) for n in names)]
 
 
-def tail_layers(model: nn.Module, trainable: Sequence[str], bp_layers: int) -> list[str]:
-    """The last ``bp_layers`` parametrised layers; a ZotuneError when the model has fewer."""
-    layers = parametrised_layers(model, trainable)
+def owners(trainable: Iterable[str]) -> list[str]:
+    """The modules owning the named parameters, in order of first appearance (no model needed)."""
+    return list(dict.fromkeys(canonical_name(n).rpartition(".")[0] for n in trainable))
+
+
+def tail_layers(model: nn.Module | None, trainable: Sequence[str], bp_layers: int) -> list[str]:
+    """The last ``bp_layers`` parametrised layers (of ``model``, or :func:`owners` of the names
+    without one); a ZotuneError when there are fewer."""
+    layers = parametrised_layers(model, trainable) if model is not None else owners(trainable)
     if not (isinstance(bp_layers, int) and 0 <= bp_layers <= len(layers)):
         raise ZotuneError(f"bp_layers={bp_layers!r} is not in 0..{len(layers)}: the model has "
                           f"{len(layers)} parametrised layers ({', '.join(layers)})")
@@ -52,9 +60,6 @@ def tail_names(model: nn.Module | None, trainable: Sequence[str], *, bp_layers: 
     if tail is not None and bp_layers is not None:
         raise ValueError("give the tail as bp_layers or as module names (tail=...), not both")
     if tail is None:
-        if model is None:
-            raise ValueError("bp_layers needs the model (ZOOptimizer(model, ...) or model=model) to find "
-                             "its layers; or name the tail's modules with tail=[...]")
         tail = tail_layers(model, trainable, bp_layers)
     canon = {n: (canonical_name(n, model) if model is not None else canonical_name(n)) for n in trainable}
     out = set()
@@ -62,6 +67,6 @@ def tail_names(model: nn.Module | None, trainable: Sequence[str], *, bp_layers: 
         hit = {n for n, c in canon.items() if _inside(c, path)}
         if not hit:
             raise ZotuneError(f"tail module {path!r} holds no trainable parameter; trainable layers: "
-                              f"{', '.join(parametrised_layers(model, trainable)) if model is not None else sorted(canon)[:6]}")
+                              f"{', '.join(parametrised_layers(model, trainable) if model is not None else owners(trainable))}")
         out |= hit
     return out

@@ -4,8 +4,8 @@ No torchvision: Fashion-MNIST is read from its four IDX files (gzip or raw), CIF
 python-pickle batches of its official archive (``data_batch_1`` ... ``data_batch_5``,
 ``test_batch``). Where the files are looked for: ``--data-dir``, else ``$ZOTUNE_DATA``, each with
 the task's folder (``fashion-mnist/``, ``cifar-10-batches-py/``) or the files directly in it;
-else, for Fashion-MNIST, Debian's ``dataset-fashion-mnist`` location
-``/usr/share/datasets/fashion-mnist/``. A missing, truncated or malformed file is a one-line
+for Fashion-MNIST without ``--data-dir``, Debian's ``dataset-fashion-mnist`` location
+``/usr/share/datasets/fashion-mnist/`` comes first when it holds the files. A missing, truncated or malformed file is a one-line
 :class:`~zotune.tasks.DataNotFoundError` / :class:`~zotune.tasks.TaskDataError` naming the file
 and what was expected.
 
@@ -82,9 +82,11 @@ def _find(stem: str, dirs: list[Path]) -> Path | None:
 
 
 def fashion_mnist_dir(data_dir=None) -> list[Path]:
-    """Where Fashion-MNIST is looked for, in order."""
-    dirs = _candidates(data_dir, "fashion-mnist")
-    return dirs + ([DEBIAN_FASHION_MNIST] if data_dir is None else [])
+    """Where Fashion-MNIST is looked for, in order: an explicit ``data_dir`` only; without one,
+    Debian's location (when it holds the files), then ``$ZOTUNE_DATA``."""
+    if data_dir is not None and str(data_dir) != "":
+        return _candidates(data_dir, "fashion-mnist")
+    return [DEBIAN_FASHION_MNIST] + _candidates(None, "fashion-mnist")
 
 
 @dataclass
