@@ -11,7 +11,8 @@ Roundings of a right shift by ``s`` bits (research note 3.5.6):
     stochastic_shift         floor((x + u) / 2**s), u uniform on [0, 2**s) from a keyed generator:
                              E[result] = x / 2**s exactly, used for every weight update;
     pseudo_stochastic_shift  NITI's RNG-free variant: the upper half of the discarded bits is
-                             compared with the lower half; used for back-propagated errors.
+                             compared with the lower half; biased low, so only an option for
+                             back-propagated errors (``error_rounding="pseudo"``; default nearest).
 Only ``quantize``/``dequantize`` use floating point; they run at the float boundary (input batch,
 float initialisation, evaluation logits), never inside a training step.
 """
@@ -123,7 +124,8 @@ def pseudo_stochastic_shift(x: torch.Tensor, s: int) -> torch.Tensor:
     upper part exceeds the lower part aligned to the same width. For ``s == 1`` it is round to
     nearest; ``s <= 0`` is an exact left shift. It is biased low by about ``2**-(u+1)`` LSB
     (u = s - s//2, the upper bits), the price of using no random numbers; fine for errors, not for
-    weight updates (those use ``stochastic_shift``).
+    weight updates (those use ``stochastic_shift``); measured to cost accuracy through a 2-layer
+    integer tail (docs/benchmarks.md), so errors default to round to nearest.
     """
     if s <= 0:
         return x << (-s) if s < 0 else x
