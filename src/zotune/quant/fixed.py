@@ -123,7 +123,7 @@ def pseudo_stochastic_shift(x: torch.Tensor, s: int) -> torch.Tensor:
     lower ``s//2`` (noise-like for data-dependent values) serve as the threshold: round up when the
     upper part exceeds the lower part aligned to the same width. For ``s == 1`` it is round to
     nearest; ``s <= 0`` is an exact left shift. It is biased low by about ``2**-(u+1)`` LSB
-    (u = s - s//2, the upper bits), the price of using no random numbers; fine for errors, not for
+    (u = s - s//2, the upper bits), the price of using no random numbers; never used for
     weight updates (those use ``stochastic_shift``); measured to cost accuracy through a 2-layer
     integer tail (docs/benchmarks.md), so errors default to round to nearest.
     """
