@@ -36,8 +36,13 @@ def test_every_flag_has_help_and_one_default(command):
     subparser(command).format_help()  # renders (no stray % in a help text)
 
 
+from zotune.image_methods import TRAINERS  # noqa: E402 (the image tasks' methods, issue 11)
+from zotune.steps.elastic import TAIL_GRADS  # noqa: E402
+from zotune.tasks.images import IMAGE_TASKS  # noqa: E402
+
 REGISTRIES = {
-    "--method": list(METHODS), "--task": list_tasks(), "--trainable": TRAINABLE, "--schedule": SCHEDULES,
+    "--method": list(METHODS) + [m for m in TRAINERS if m not in METHODS],
+    "--task": list_tasks() + list(IMAGE_TASKS), "--tail-grad": TAIL_GRADS, "--trainable": TRAINABLE, "--schedule": SCHEDULES,
     "--dtype": DTYPES, "--objective": OBJECTIVES, "--direction": list(DIRECTIONS),
     "--estimator": ESTIMATORS, "--update": list(UPDATES), "--projection": PROJECTIONS,
     "--kernel-order": [str(k) for k in KERNELS], "--kernel-schedule": KERNEL_SCHEDULES,

@@ -42,7 +42,13 @@ PRESETS.update({
     "pezo+dizo+adam": {"method": "dizo", "direction": "pezo-pool", "update": "adam"},
     "kerzoo+pezo-bank+momentum": {"method": "kerzoo", "direction": "pezo-bank", "update": "momentum"},
     "pezo-decorrelated+dizo": {"method": "dizo", "direction": "pezo-pool-decorrelated"},
+    # ElasticZO (issue 11): a backprop tail under other heads and tail rules
+    "elasticzo-clean+pezo+momentum-tail": {"method": "elasticzo", "direction": "pezo-pool",
+                                           "tail_update": "momentum", "tail_grad": "clean"},
+    "kerzoo+tail": {"method": "kerzoo", "bp_layers": 1},
+    "zo-adam+tail-plus": {"method": "zo-adam", "bp_layers": 1, "tail_grad": "plus"},
 })
+TWO_LAYER = {name for name, o in PRESETS.items() if o["method"] == "elasticzo" or "bp_layers" in o}
 PRESET_LR = {"zo-momentum": 0.003, "zo-adam": 0.1, "zo-sign": 0.1, "pezo+dizo+adam": 0.1,
              "kerzoo+pezo-bank+momentum": 0.001,
              "fzoo": 0.03 * 1e-3}  # the paper's form carries 1/eps: the same 0.03 step as fzoo-code
@@ -58,6 +64,26 @@ def problem(dtype=torch.float32):
     model = torch.nn.Linear(10, 4, bias=False).to(dtype)
     with torch.no_grad():
         model.weight.copy_(torch.randn(4, 10, generator=g))
+    return model, lambda: ((model(a) - a @ w_true) ** 2).mean()
+
+
+class TwoLayer(torch.nn.Sequential):
+    """Linear(10, 6) then Linear(6, 4): a ZO head and a backprop tail; ``weight`` is every
+    parameter, flattened (what ``check`` compares)."""
+
+    @property
+    def weight(self):
+        return torch.cat([p.detach().reshape(-1) for p in self.parameters()])
+
+
+def two_layer_problem(dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(64, 10, generator=g).to(dtype)
+    w_true = torch.randn(10, 4, generator=g).to(dtype)
+    model = TwoLayer(torch.nn.Linear(10, 6, bias=False), torch.nn.Linear(6, 4, bias=False)).to(dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
     return model, lambda: ((model(a) - a @ w_true) ** 2).mean()
 
 
@@ -84,8 +110,10 @@ def make(direction, estimator, rule, defer=False, engine="in-memory", dtype=torc
 
 
 def make_preset(name, engine="in-memory", dtype=torch.float32):
-    model, loss = problem(dtype)
+    model, loss = two_layer_problem(dtype) if name in TWO_LAYER else problem(dtype)
     options = dict(PRESETS[name])
+    if name in TWO_LAYER:
+        options.update(model=model, lr_bp=0.003 if options.get("tail_update") == "momentum" else 0.03)
     method = options.pop("method")
     lr = PRESET_LR.get(name, 0.01 if name in KERNEL_PRESETS else 0.03)
     if "direction" in options:

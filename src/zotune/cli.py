@@ -219,6 +219,11 @@ def cmd_list(args) -> int:
     print("models:     " + ", ".join(EMBEDDED) + " (embedded); any Hugging Face causal LM by id or local path")
     print("tasks:      " + ", ".join(list_tasks()) + " (or --task-file for your own JSONL task)")
     print("methods:    " + ", ".join(METHODS))
+    from .image_trainers import TRAINERS
+    from .models.vision import MODELS
+    from .tasks.images import IMAGE_TASKS
+    print("image tasks: " + ", ".join(IMAGE_TASKS) + "; models: " + ", ".join(MODELS) + "; methods: "
+          + ", ".join(TRAINERS))
     print("directions: " + ", ".join(sorted(DIRECTIONS)))
     print("trainable:  " + ", ".join(TRAINABLE))
     print("objectives: " + ", ".join(OBJECTIVES))

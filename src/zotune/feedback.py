@@ -8,7 +8,10 @@ answer it needs. ``tell(feedback)`` consumes one of:
   in a browser page, a reward model that only compares, a program);
 * :class:`Edges`: pairwise comparisons ``(better, worse)``;
 * :class:`~zotune.plan.DenseGrad`: gradients of the projected tensors, for steps whose search is
-  first-order (DiZO-FO) or whose tail is trained by backprop.
+  first-order (DiZO-FO);
+* :class:`LossesAndGrads`: one loss per point and, at the points the query names, the gradient of
+  that loss with respect to ``Query.wrt`` (ElasticZO: ZO for the head, backprop for the tail, from
+  the same forward passes).
 
 Losses convert to a ranking and a ranking to edges (the information only gets coarser), so an
 estimator that needs a ranking also runs from a callable objective.
@@ -24,7 +27,7 @@ import torch
 
 from .plan import DenseGrad, ProbePlan
 
-KINDS = ("losses", "ranking", "edges", "grad")
+KINDS = ("losses", "ranking", "edges", "grad", "losses+grad")
 
 
 @dataclass(frozen=True)
@@ -85,7 +88,31 @@ class Edges:
                 raise ValueError(f"comparison ({a}, {b}) is not between two of the {self.num_points} points")
 
 
-Feedback = Losses | Ranking | Edges | DenseGrad
+@dataclass(frozen=True)
+class LossesAndGrads:
+    """One loss per point and, per point, the gradient of its loss with respect to the query's
+    ``wrt`` tensors (a :class:`~zotune.plan.DenseGrad`), or None where the query did not ask
+    for one. It converts to :class:`Losses` (and from there to a ranking or edges)."""
+
+    values: tuple[float, ...]
+    grads: tuple[DenseGrad | None, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "values", tuple(float(v) for v in self.values))
+        object.__setattr__(self, "grads", tuple(self.grads))
+        if len(self.grads) != len(self.values):
+            raise ValueError(f"LossesAndGrads has {len(self.values)} losses and {len(self.grads)} gradients")
+
+    @property
+    def finite(self) -> bool:
+        return all(math.isfinite(v) for v in self.values)
+
+    @property
+    def losses(self) -> Losses:
+        return Losses(self.values)
+
+
+Feedback = Losses | Ranking | Edges | DenseGrad | LossesAndGrads
 
 
 def as_kind(feedback, kind: str, num_points: int):
@@ -93,7 +120,11 @@ def as_kind(feedback, kind: str, num_points: int):
 
     Raises ValueError naming what was given and what is needed when no conversion exists (a
     ranking cannot become losses)."""
-    if kind == "losses" and isinstance(feedback, Losses):
+    if isinstance(feedback, LossesAndGrads) and kind != "losses+grad":
+        feedback = feedback.losses
+    if kind == "losses+grad" and isinstance(feedback, LossesAndGrads):
+        pass
+    elif kind == "losses" and isinstance(feedback, Losses):
         pass
     elif kind == "ranking" and isinstance(feedback, (Losses, Ranking)):
         feedback = feedback.ranking() if isinstance(feedback, Losses) else feedback
@@ -106,7 +137,7 @@ def as_kind(feedback, kind: str, num_points: int):
     else:
         raise ValueError(f"this step needs feedback of kind {kind!r}, got {type(feedback).__name__}; "
                          f"valid kinds: {', '.join(KINDS)}")
-    size = len(feedback.values) if isinstance(feedback, Losses) else feedback.num_points
+    size = len(feedback.values) if isinstance(feedback, (Losses, LossesAndGrads)) else feedback.num_points
     if size != num_points:
         raise ValueError(f"feedback covers {size} points, the query has {num_points}")
     return feedback
@@ -122,13 +153,16 @@ class Query:
         batch: which data to evaluate on: None is the step's own batch (the closure of
             ``step``); anything else names an auxiliary batch, e.g. ``("search", j)`` for the
             j-th iteration of DiZO's search.
-        wrt: for ``grad`` queries, the layout indices of the tensors to differentiate.
+        wrt: for ``grad`` and ``losses+grad`` queries, the layout indices of the tensors to
+            differentiate.
+        grad_at: for ``losses+grad`` queries, the points (plan indices) whose gradient is wanted.
     """
 
     plan: ProbePlan
     kind: str = "losses"
     batch: Hashable = None
     wrt: tuple[int, ...] = ()
+    grad_at: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -174,3 +208,49 @@ def gradient_of(loss_fn, engine, wrt) -> DenseGrad:
             return DenseGrad({})
         grads = torch.autograd.grad(loss, wanted, allow_unused=True)
     return DenseGrad({i: g for i, g in zip(wrt, grads) if g is not None})
+
+
+def _nonzero(terms) -> tuple:
+    return tuple((k, a) for k, a in terms if a != 0.0)
+
+
+def losses_and_grads(evaluate, objectives, engine, plan: ProbePlan, wrt, grad_at) -> LossesAndGrads:
+    r"""The answer to a ``losses+grad`` query: ``evaluate(objective)`` (the engine's walk over
+    ``plan``'s points) with an objective that, at the points in ``grad_at``, also differentiates
+    the mean of ``objectives`` with respect to the layout tensors ``wrt``.
+
+    Only ``wrt`` have ``requires_grad`` during such a point (:func:`_grad_only`), so autograd
+    records the ops downstream of them and nothing upstream: no graph, no stored activation for
+    the other tensors (ElasticZO's head). Each micro-batch's graph is freed by its own backward.
+    Points not in ``grad_at`` run without grad, as for ``losses``. The point being evaluated is
+    read from ``engine.current`` (so an evaluation an engine continues after a stop still
+    differentiates the right points), and each answer is plain containers, ``(loss, {index:
+    gradient})``, which an engine may keep in its state. Cost per gradient point: one backward
+    through the part of the model after the first ``wrt`` tensor."""
+    wanted = [engine.parameter(i) for i in wrt]
+    trainable = [engine.parameter(t.index) for t in engine.layout]
+    points = [_nonzero(plan.point_terms(i)) for i in range(plan.num_points)]
+    grad_points = [points[i] for i in sorted(set(grad_at))]
+
+    def objective():
+        if _nonzero(engine.current) not in grad_points:
+            return float(sum(float(fn()) for fn in objectives) / len(objectives)), None
+        total, grads = 0.0, None
+        with torch.enable_grad(), _grad_only(wanted, trainable):
+            for fn in objectives:
+                loss = fn()
+                if not (torch.is_tensor(loss) and loss.requires_grad):
+                    raise RuntimeError("a losses+grad query needs the objective to return a tensor "
+                                       "computed with grad enabled; got one without a graph")
+                value = float(loss.detach())
+                total += value
+                if not math.isfinite(value):
+                    return value, {}
+                parts = torch.autograd.grad(loss / len(objectives), wanted, allow_unused=True)
+                grads = list(parts) if grads is None else [a if b is None else (b if a is None else a + b)
+                                                           for a, b in zip(grads, parts)]
+        return total / len(objectives), {j: g for j, g in zip(wrt, grads) if g is not None}
+
+    answers = evaluate(objective)
+    return LossesAndGrads(tuple(a[0] for a in answers),
+                          tuple(None if a[1] is None else DenseGrad(a[1]) for a in answers))

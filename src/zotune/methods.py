@@ -15,7 +15,7 @@ from . import rng
 from .directions import make_direction
 from .engines import ENGINES
 from .estimators import FZOO, SPSA, KernelSPSA
-from .steps import ConservativeStep, EstimateStep, ProjectionStep, StepCore
+from .steps import ConservativeStep, ElasticStep, EstimateStep, ProjectionStep, StepCore
 from .updates import UPDATES, ClipTensorNorm
 from .updates.schedules import check_schedule
 
@@ -37,6 +37,7 @@ METHODS: dict[str, dict] = {
     "pezo": {"update": "sgd", "direction": "pezo-pool"},
     "fzoo": {"update": "sgd", "direction": "rademacher", "fzoo": {"scale": "paper", "std_ddof": 1}},
     "fzoo-code": {"update": "sgd", "direction": "rademacher", "fzoo": {"scale": "code", "std_ddof": 0}},
+    "elasticzo": {"update": "sgd", "program": "elastic", "bp_layers": 1},
 }
 """Named methods (presets of estimator, direction, update rule, step program and projection).
 MeZO and ZO-Bench's ZO-SGD are the same algorithm (Zhang et al., 2024). ``kerzoo``: KerZOO's
@@ -46,9 +47,13 @@ scale, per-tensor clipping at 4e5, look-ahead acceleration). ``dizo``/``dizo-fo`
 DiZO's layer-wise projection, searched by ZO or by backprop. ``pezo``: MeZO with PeZO's
 pre-generated uniform pool, carried-over offset, adaptive scaling. ``fzoo``/``fzoo-code``: FZOO's
 8 one-sided Rademacher probes normalised by the std of the perturbed losses, as the paper writes it
-(1/eps in the step, sample std) and as its code runs it (no 1/eps, population std)."""
+(1/eps in the step, sample std) and as its code runs it (no 1/eps, population std).
+``elasticzo``: MeZO for the head and backprop (SGD, ``lr_bp``) for the last ``bp_layers``
+parametrised layers (default 1) or the modules named in ``tail``, from the same two forwards
+(Sugiura and Matsutani, 2025; ``steps/elastic.py``). Any method takes ``bp_layers``/``tail``:
+its own estimator, direction and rule then drive the head."""
 
-PROGRAMS = {"estimate": EstimateStep, "conservative": ConservativeStep}
+PROGRAMS = {"estimate": EstimateStep, "conservative": ConservativeStep, "elastic": ElasticStep}
 STATE_FREE = ("sgd", "sign")
 LOW_PRECISION_PROBES = ("exclude", "keep")
 PROBE_COVERAGE_THRESHOLD = 0.5
@@ -61,7 +66,8 @@ OFFLOAD_OPTIONS = ("offload_to", "offload_dir", "resident_blocks", "overlap", "f
 OPTIONS = ("seed", "direction", "num_probes", "one_sided", "momentum", "betas", "adam_eps", "schedule",
            "warmup_steps", "total_steps", "defer_update", "estimator", "update", "kernel", "projection",
            "clip_norm", "transforms", "chunk_size", "master_weights", "threads", "engine", "rng_device",
-           "low_precision_probes", "coupled_decay", "model", *OFFLOAD_OPTIONS)
+           "low_precision_probes", "coupled_decay", "model", "bp_layers", "tail", "tail_grad", "lr_bp",
+           "tail_update", "tail_momentum", "tail_weight_decay", *OFFLOAD_OPTIONS)
 
 
 def decays(name: str, param, named: bool) -> bool:
@@ -146,6 +152,15 @@ def exclude_unprobed(engine, eps: float) -> list[str]:
     return excluded
 
 
+def _with_tail_roles(entries, model, bp_layers, tail) -> list:
+    """``entries`` with role ``backprop`` on the tail's tensors (``models.split``)."""
+    from .models.split import tail_names
+
+    names = tail_names(model, [e[0] for e in entries], bp_layers=bp_layers,
+                       tail=[tail] if isinstance(tail, str) else tail)
+    return [(*e[:4], "backprop" if e[0] in names else (e[4] if len(e) > 4 else "zo")) for e in entries]
+
+
 def build(entries, *, eps: float, method: str, group_lrs, group_weight_decays, seed: int = 0,
           direction=None, num_probes=None, one_sided: bool = False, momentum: float = 0.9,
           betas=(0.9, 0.999), adam_eps: float = 1e-8, schedule: str = "constant", warmup_steps: int = 0,
@@ -153,10 +168,16 @@ def build(entries, *, eps: float, method: str, group_lrs, group_weight_decays, s
           projection=None, clip_norm=None, transforms=(), chunk_size: int = rng.DEFAULT_CHUNK_SIZE,
           master_weights="auto", threads=None, engine="in-memory", rng_device=None,
           low_precision_probes: str = "exclude", coupled_decay: bool = False, model=None,
-          **engine_options) -> StepCore:
+          bp_layers=None, tail=None, tail_grad: str = "avg", lr_bp: float = 1e-2, tail_update: str = "sgd",
+          tail_momentum: float = 0.9, tail_weight_decay: float = 0.0, **engine_options) -> StepCore:
     """Assemble a step core from ``(name, tensor, group, decays)`` entries and the options of
     :class:`~zotune.optim.ZOOptimizer` (which documents them). With ``model``, its block table
-    decides weight decay (norms and biases exempt) and DiZO's attention targets."""
+    decides weight decay (norms and biases exempt) and DiZO's attention targets.
+
+    ElasticZO options (any two-point method): ``bp_layers`` (the last k parametrised layers of
+    ``model``) or ``tail`` (module names) get the layout role ``backprop``; ``tail_grad``
+    (``avg``/``plus``/``clean``), ``lr_bp``, ``tail_update`` (a rule name), ``tail_momentum``
+    and ``tail_weight_decay`` (coupled, as ``torch.optim.SGD``) configure their update."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
     if low_precision_probes not in LOW_PRECISION_PROBES:
@@ -169,7 +190,18 @@ def build(entries, *, eps: float, method: str, group_lrs, group_weight_decays, s
         estimator = make_estimator(spec, eps, num_probes, one_sided, kernel)
     rule = (make_rule(update or spec["update"], momentum, betas, adam_eps)
             if update is None or isinstance(update, str) else update)
-    program = PROGRAMS[spec.get("program", "estimate")]()
+    if bp_layers is None and tail is None:
+        bp_layers = spec.get("bp_layers")
+    elastic = spec.get("program") == "elastic" or bp_layers is not None or tail is not None
+    if elastic:
+        if spec.get("program", "estimate") not in ("estimate", "elastic"):
+            raise ValueError(f"{method} runs the {spec['program']!r} step, which has no backprop tail; "
+                             "bp_layers/tail apply to methods with the plain estimate step")
+        entries = _with_tail_roles(entries, model, bp_layers, tail)
+        program = ElasticStep(make_rule(tail_update, tail_momentum, betas, adam_eps), lr_bp,
+                              tail_weight_decay, tail_grad)
+    else:
+        program = PROGRAMS[spec.get("program", "estimate")]()
     if isinstance(program, ConservativeStep) and getattr(rule, "name", None) not in STATE_FREE:
         raise ValueError(f"zo-cons compares theta -+ lr g before applying one of them, which needs a "
                          f"state-free update rule ({', '.join(STATE_FREE)}); got {rule.name!r}")

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .engines.base import MicroBatches
-from .feedback import Losses, Query, gradient_of
+from .feedback import Losses, Query, gradient_of, losses_and_grads
 from .methods import METHODS, build, check_options, decays
 
 __all__ = ["ZOOptimizer", "METHODS", "decays"]
@@ -36,9 +36,14 @@ class ZOOptimizer(torch.optim.Optimizer):
     z once; memory: the parameters plus two chunk-sized buffers per thread (plus rule state for
     momentum/Adam, plus an fp32 master copy for bf16/fp16 parameters when ``master_weights`` is on).
 
+    ElasticZO (``method="elasticzo"``, or ``bp_layers``/``tail`` with any two-point method): the
+    last ``bp_layers`` parametrised layers (or the modules named in ``tail``) are trained by
+    backprop from the same forwards (``tail_grad``, ``lr_bp``, ``tail_update``, ...); the closure
+    must then return the loss tensor (not a float). See ``steps/elastic.py``.
+
     Args:
-        params: parameters or ``named_parameters()`` (or param groups with ``lr``/``weight_decay``),
-            or a model (its named parameters, and ``model=`` it: block table, offload).
+        params: a model (its trainable ``named_parameters()``, and ``model=`` it), parameters or
+            ``named_parameters()`` (or param groups with ``lr``/``weight_decay``).
             Tensors with ``requires_grad=False`` are left untouched.
         lr: learning rate (>= 0). eps: perturbation scale (> 0). method: a name in ``METHODS``.
         weight_decay: decoupled weight decay (coupled with ``coupled_decay=True``), not on biases
@@ -51,7 +56,8 @@ class ZOOptimizer(torch.optim.Optimizer):
             ``engine`` (``in-memory``, ``reference`` or ``offload``, which takes ``offload_to``,
             ``offload_dir``, ``resident_blocks``, ``overlap``, ``fsync``), ``rng_device``,
             ``low_precision_probes`` (``exclude`` tensors whose bf16/fp16 probes round away, or
-            ``keep``); see :func:`zotune.methods.build` and docs/design.md.
+            ``keep``), ``bp_layers``, ``tail``, ``tail_grad``, ``lr_bp``, ``tail_update``,
+            ``tail_momentum``, ``tail_weight_decay`` (ElasticZO); see :func:`zotune.methods.build` and docs/design.md.
     """
 
     def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, method: str = "mezo", *,
@@ -61,9 +67,9 @@ class ZOOptimizer(torch.optim.Optimizer):
         if not weight_decay >= 0:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
         check_options(options)
-        if isinstance(params, torch.nn.Module):  # a model: its named parameters, and the model itself
+        if isinstance(params, torch.nn.Module):  # ZOOptimizer(model, ...): its named parameters
             options.setdefault("model", params)
-            params = list(params.named_parameters())
+            params = [(n, p) for n, p in params.named_parameters() if p.requires_grad]
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
         entries, self._params = [], []
         for gi, group in enumerate(self.param_groups):
@@ -132,6 +138,9 @@ class ZOOptimizer(torch.optim.Optimizer):
             fns = list(found) if isinstance(found, (list, tuple)) else [found]
         if query.kind == "grad":
             answer = gradient_of(lambda: sum(fn() for fn in fns) / len(fns), self.core.engine, query.wrt)
+        elif query.kind == "losses+grad":  # ElasticZO: ZO losses and the tail's gradients
+            answer = losses_and_grads(lambda objective: self.evaluate(query, objective), fns,
+                                      self.core.engine, query.plan, query.wrt, query.grad_at)
         else:  # a lone objective reaches the engine as it is (an engine may drive a structured one)
             answer = Losses(self.evaluate(query, fns[0] if len(fns) == 1 else MicroBatches(fns)))
         # counted once answered: a query stopped half-way (Ctrl-C) is asked again on resume

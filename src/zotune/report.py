@@ -24,6 +24,9 @@ def curves_figure(records: list[dict], title: str = ""):
     zero = next((r["dev"] for r in records if r.get("zero_shot")), None)
     test = next((r for r in reversed(records) if r.get("best_dev_checkpoint") and r.get("test") is not None),
                 None)
+    # image tasks (train_images.py) have no dev split: their periodic evaluation is on test
+    tests = [(r["step"], r["test"]) for r in records if r.get("test") is not None and "dev" not in r
+             and not r.get("best_dev_checkpoint") and not r.get("zero_shot")]
     fig, (ax_loss, ax_dev) = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
     if loss:  # markers where a line alone would be invisible (one point) or hide the points
         ax_loss.plot(*zip(*loss), color="tab:blue", marker="o" if len(loss) <= 20 else None,
@@ -31,6 +34,8 @@ def curves_figure(records: list[dict], title: str = ""):
     ax_loss.set(xlabel="step", ylabel="training loss (mean over log interval)", title="loss")
     if dev:
         ax_dev.plot(*zip(*dev), marker="o", color="tab:green", label="dev")
+    if tests:
+        ax_dev.plot(*zip(*tests), marker="o", color="tab:red", label="test")
     if zero is not None:
         ax_dev.axhline(zero, color="gray", linestyle="--", label=f"zero-shot dev ({zero:.1f})")
     if test is not None:

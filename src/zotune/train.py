@@ -206,6 +206,10 @@ def _one_run_per_directory(run):
 @_one_run_per_directory
 def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> dict:
     """Run (or resume) a training run described by ``cfg``; return its summary."""
+    from .train_images import is_image_task, run as train_images
+
+    if is_image_task(cfg):  # small networks from scratch: their own recipe, the same run directory
+        return train_images(cfg, resume=resume, progress=progress)
     cfg = cfg.resolved()
     d, method, r = cfg.data, cfg.method, cfg.run
     if not progress:

@@ -64,8 +64,15 @@ def setting(default, help: str, *, resume=FIXED, flat: str | None = None, choice
 # The registries the choices come from, read when they are needed (the help, validate), so that
 # importing the config does not import the library.
 def _methods() -> tuple:
+    from ..image_methods import register  # noqa: F401 (registers the float image methods)
+    from ..image_trainers import TRAINERS  # the image tasks' methods (backprop, ...) too
     from ..optim import METHODS
-    return tuple(METHODS)
+    return tuple(METHODS) + tuple(m for m in TRAINERS if m not in METHODS)
+
+
+def _tail_grads() -> tuple:
+    from ..steps.elastic import TAIL_GRADS
+    return TAIL_GRADS
 
 
 def _directions() -> tuple:
@@ -85,7 +92,8 @@ def _schedules() -> tuple:
 
 def _tasks() -> tuple:
     from ..tasks import list_tasks
-    return tuple(list_tasks())
+    from ..tasks.images import IMAGE_TASKS
+    return tuple(list_tasks()) + tuple(IMAGE_TASKS)
 
 
 def _kernel_orders() -> tuple:
@@ -196,6 +204,9 @@ class DataConfig:
     eval_dev: int | None = setting(None, "evaluate on only the first N dev examples during training",
                                    resume=FREE, default_text="all of them")
     eval_batch_size: int = setting(32, "examples per evaluation forward pass", resume=FREE)
+    epochs: int | None = setting(None, "image tasks: train this many epochs (sets the steps)",
+                                 default_text="--steps", added=True)
+    augment: bool = setting(False, "image tasks: random crop and flip (CIFAR-10)", added=True)
 
 
 @component
@@ -287,6 +298,14 @@ class MethodConfig:
                                       default_text="no clipping")
     direction: str | None = setting(None, "random direction distribution", choices=_directions,
                                     default_text="the method's")
+    bp_layers: int | None = setting(None, "ElasticZO: train the last N parametrised layers by backprop",
+                                    default_text="the method's (elasticzo: 1)", added=True)
+    lr_bp: float | None = setting(None, "ElasticZO: learning rate of the backprop tail (backprop: unused)",
+                                  default_text="1e-2", added=True)
+    tail_grad: str = setting("avg", "ElasticZO: the passes the tail gradient comes from",
+                             choices=_tail_grads, added=True)
+    momentum: float = setting(0.0, "image tasks: momentum of the first-order (backprop, tail) SGD",
+                              added=True)
     kernel: KernelOptions = field(default_factory=KernelOptions)
     dizo: DiZOOptions = field(default_factory=DiZOOptions)
     pezo: PeZOOptions = field(default_factory=PeZOOptions)
@@ -296,6 +315,10 @@ class MethodConfig:
         kernel, dizo = _set_options(self.kernel), _set_options(self.dizo)
         options: dict = {"update": self.update, "clip_norm": self.clip_norm,
                          "direction": self.make_direction()}
+        if self.bp_layers is not None or self.name == "elasticzo":  # ElasticZO's backprop tail
+            options.update(tail_grad=self.tail_grad, lr_bp=1e-2 if self.lr_bp is None else self.lr_bp)
+            if self.bp_layers is not None:
+                options["bp_layers"] = self.bp_layers
         if self.estimator == "kernel" or kernel:
             if self.estimator == "spsa":
                 raise ZotuneError("--estimator spsa conflicts with --kernel-* options")

@@ -1,6 +1,7 @@
 """Step programs (ask/tell state machines) and the core that runs them."""
 from .core import StepCore
+from .elastic import ElasticStep
 from .estimate import ConservativeStep, EstimateStep
 from .search import ProjectionStep
 
-__all__ = ["StepCore", "EstimateStep", "ConservativeStep", "ProjectionStep"]
+__all__ = ["StepCore", "EstimateStep", "ConservativeStep", "ElasticStep", "ProjectionStep"]
