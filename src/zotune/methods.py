@@ -59,7 +59,7 @@ differences measure nothing and its update would be a random walk (docs/design.m
 OPTIONS = ("seed", "direction", "num_probes", "one_sided", "momentum", "betas", "adam_eps", "schedule",
            "warmup_steps", "total_steps", "defer_update", "estimator", "update", "kernel", "projection",
            "clip_norm", "transforms", "chunk_size", "master_weights", "threads", "engine", "rng_device",
-           "low_precision_probes", "coupled_decay", "model")
+           "low_precision_probes", "coupled_decay", "model", "parallel")
 
 
 def decays(name: str, param, named: bool) -> bool:
@@ -150,7 +150,8 @@ def build(entries, *, eps: float, method: str, group_lrs, group_weight_decays, s
           total_steps=None, defer_update: bool = False, estimator=None, update=None, kernel=None,
           projection=None, clip_norm=None, transforms=(), chunk_size: int = rng.DEFAULT_CHUNK_SIZE,
           master_weights="auto", threads=None, engine="in-memory", rng_device=None,
-          low_precision_probes: str = "exclude", coupled_decay: bool = False, model=None) -> StepCore:
+          low_precision_probes: str = "exclude", coupled_decay: bool = False, model=None,
+          parallel=None) -> StepCore:
     """Assemble a step core from ``(name, tensor, group, decays)`` entries and the options of
     :class:`~zotune.optim.ZOOptimizer` (which documents them). With ``model``, its block table
     decides weight decay (norms and biases exempt) and DiZO's attention targets."""
@@ -185,8 +186,14 @@ def build(entries, *, eps: float, method: str, group_lrs, group_weight_decays, s
         table = block_table(model, strict=False)
     if table is not None:
         entries = [(e[0], e[1], e[2], not table.no_weight_decay(e[0]), *e[4:]) for e in entries]
+    if parallel is not None:  # point parallelism needs master copies (engines/distributed.py)
+        from .engines.distributed import engine_options
+        master_weights = engine_options(parallel, master_weights)
     eng = engine_cls(entries, direction, chunk_size=chunk_size, master_weights=master_weights,
                      threads=threads, rng_device=rng_device)
+    if parallel is not None:  # the plan's points and the batch divided among ranks
+        from .engines.distributed import wrap
+        eng = wrap(eng, parallel, seed=seed)
     eng.layout.blocks = table
     excluded = exclude_unprobed(eng, eps) if low_precision_probes == "exclude" else []
     if excluded:

@@ -49,7 +49,9 @@ class ZOOptimizer(torch.optim.Optimizer):
             ``clip_norm``, ``transforms``, ``chunk_size``, ``master_weights``, ``threads``,
             ``engine`` (``in-memory`` or ``reference``), ``rng_device``,
             ``low_precision_probes`` (``exclude`` tensors whose bf16/fp16 probes round away, or
-            ``keep``); see :func:`zotune.methods.build` and docs/design.md.
+            ``keep``), ``parallel`` (``ddp``, ``pertp``, ``2d`` or a
+            ``zotune.distributed.Topology``: the engine on the ranks of ``torchrun``; each rank
+            passes the closure of its own data shard; docs/distributed.md); see :func:`zotune.methods.build` and docs/design.md.
     """
 
     def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, method: str = "mezo", *,
