@@ -150,6 +150,8 @@ def cmd_train(args) -> int:
     from .train import train
 
     summary = train(train_config(args), resume=args.resume, progress=not args.quiet)
+    if summary is None:  # a rank other than 0 of a distributed run: rank 0 reports
+        return 0
     print(json.dumps({k: summary[k] for k in ("task", "status", "zero_shot", "best_dev", "best_step",
                                               "test", "steps", "wall_time_s")}))
     return 0

@@ -16,6 +16,7 @@ bars and the ETA go to stderr (``progress``).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 
 from . import checkpoint, rng, run_lock, stopping
+from .distributed import run as ranks
 from . import progress as prog  # (`progress` is train()'s flag)
 from .config import DEFAULT_EPS, DEFAULT_LR, OBJECTIVES, TRAINABLE, TrainConfig, resume_conflicts
 from .errors import ZotuneError
@@ -151,6 +153,8 @@ class BatchSampler:
 
 
 def _write_json(path: Path, obj) -> None:
+    if not ranks.current().is_writer:  # one copy of every file: rank 0's
+        return
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1))
     os.replace(tmp, path)
@@ -185,20 +189,25 @@ def _one_run_per_directory(run):
     @functools.wraps(run)
     def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> dict:
         out = Path(cfg.resolved().run.output_dir)
-        report = prog.Progress(enabled=progress)
-        with stopping.handling(), prog.active(report):
-            try:
-                out.mkdir(parents=True, exist_ok=True)
-                with run_lock.hold(out, warn=report.warn):
-                    checkpoint.clean(out)
-                    return run(cfg, resume=resume, progress=progress)
-            except KeyboardInterrupt as stop:
+        with ranks.context(cfg.resolved()) as rank:  # torch.distributed, with --parallel
+            report = prog.Progress(enabled=progress and rank.is_writer)
+            with stopping.handling(), prog.active(report):
                 try:
-                    stop.checkpoint = checkpoint.latest(out)
-                except checkpoint.CheckpointError:
-                    stop.checkpoint = None
-                stop.saved = getattr(stop, "saved", False)
-                raise
+                    rank.start(cfg.resolved())
+                    out.mkdir(parents=True, exist_ok=True)
+                    with run_lock.hold(out, warn=report.warn) if rank.is_writer else contextlib.nullcontext():
+                        if rank.is_writer:
+                            checkpoint.clean(out)
+                        rank.barrier("start")  # the others read the run directory once it is clean
+                        summary = run(cfg, resume=resume, progress=progress)
+                        return summary if rank.is_writer else None
+                except KeyboardInterrupt as stop:
+                    try:
+                        stop.checkpoint = checkpoint.latest(out)
+                    except checkpoint.CheckpointError:
+                        stop.checkpoint = None
+                    stop.saved = getattr(stop, "saved", False)
+                    raise
     return train
 
 
@@ -235,9 +244,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
                           one_sided=method.one_sided, weight_decay=method.weight_decay,
                           schedule=method.schedule, warmup_steps=method.warmup_steps,
                           total_steps=r.steps, defer_update=cfg.engine.defer_update, model=model,
-                          **method.optimizer_options())
+                          **method.optimizer_options(), **ranks.current().optimizer_options())
     except ValueError as err:
         raise ZotuneError(f"method {method.name!r}: {err}") from None
+    rank = ranks.current()
+    rank.check_optimizer(opt)
     scorer.runner.device = opt.engine.device  # the one place the model is called runs where the engine says
     for name in opt.excluded:
         print(f"note: {name} is not trained: {opt.engine.layout.spec(name).reason}")
@@ -254,7 +265,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
         state = RunState(**saved_state)
         _write_json(out / "config.json", cfg.saved())  # only now: a refused resume leaves it as it was
         _truncate_metrics(metrics_path, state.step)
-    else:
+    elif rank.is_writer:  # rank 0 evaluates; the others wait at their first step
         metrics_path.write_text("")
         for note in data.notes:
             print(f"note: {note}")
@@ -296,12 +307,16 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
         state.forward_passes = opt.forward_passes
         state.random_numbers = opt.engine.numbers_drawn
         with prog.timed(report.checkpoint_time):
-            checkpoint.save(out, state.step, params, dataclasses.asdict(state), opt.state_dict(),
-                            keep=r.keep_checkpoints, share=share)
+            if rank.is_writer:  # written once, by rank 0 (every rank holds the same state)
+                checkpoint.save(out, state.step, params, dataclasses.asdict(state), opt.state_dict(),
+                                keep=r.keep_checkpoints, share=share)
         saved_at = state.step
 
     def dev_evaluation() -> None:
         opt.flush()
+        if not rank.is_writer:
+            state.eval_due = False
+            return
         prog.phase(f"evaluation at step {state.step} on {len(dev)} dev examples")
         value = evaluate(scorer, task, dev, d.eval_batch_size, desc=f"dev at step {state.step}")
         with signals.deferred():  # best/, the state, the log line and the checkpoint agree
@@ -329,7 +344,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
                         save_checkpoint()
                 signals.check()
                 break
-            batch = [data.train[i] for i in sampler.indices(state.step)]
+            batch = rank.shard([data.train[i] for i in sampler.indices(state.step)])
             # A first signal lets the step finish: it moves parameters on a thread pool and
             # leaves them perturbed in between (see stopping.py).
             with signals.deferred():
@@ -348,6 +363,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
                     window = []
             show()
             bar.update(1)
+            rank.agree_on_stop(signals)  # a signal to any rank stops all after this step
             signals.check()
     except KeyboardInterrupt as stop:  # Ctrl-C, SIGTERM (stopping.RunStopped) or raised by a caller
         bar.close()
@@ -395,7 +411,7 @@ def _finish(out, cfg, state, opt, task, scorer, data, params, start_time, status
 
     state.wall_time = time.perf_counter() - start_time
     test = None
-    if final_eval and (out / "best").exists():
+    if final_eval and (out / "best").exists() and ranks.current().is_writer:
         checkpoint.load(out / "best", params)
         prog.phase(f"test evaluation of the best-dev parameters (step {state.best_step}) on "
                    f"{len(data.test)} examples")
@@ -411,8 +427,9 @@ def _finish(out, cfg, state, opt, task, scorer, data, params, start_time, status
                "train_examples": len(data.train), "dev_examples": len(_dev_set(cfg, data)),
                "test_examples": len(data.test), "skipped_rows": data.skipped_rows, "notes": data.notes}
     _write_json(out / "summary.json", summary)
-    plot_curves(out / "metrics.jsonl", out / "curves.png",
-                title=f"{task.name} / {cfg.model.name} / {cfg.method.name}")
+    if ranks.current().is_writer:
+        plot_curves(out / "metrics.jsonl", out / "curves.png",
+                    title=f"{task.name} / {cfg.model.name} / {cfg.method.name}")
     return summary
 
 
@@ -422,6 +439,8 @@ def _dev_set(cfg: TrainConfig, data):
 
 
 def _log(path: Path, record: dict) -> None:
+    if not ranks.current().is_writer:
+        return
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
 
@@ -429,7 +448,7 @@ def _log(path: Path, record: dict) -> None:
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drop log lines written after the checkpoint being resumed, and the test line of an
     earlier completion (they will be written again)."""
-    if not path.exists():
+    if not path.exists() or not ranks.current().is_writer:
         return
     keep = [line for line in path.read_text().splitlines()
             if line.strip() and json.loads(line).get("step", 0) <= step
