@@ -3,10 +3,12 @@ LOCAL_RANK) on a free port of 127.0.0.1, bounded in time; every process started 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,20 +22,24 @@ def free_port() -> int:
 
 
 def launch(world: int, args: list[str], *, timeout: float = 120.0, env: dict | None = None,
-           kill_rank: int | None = None, kill_when=None):
+           rank_args=None, kill_rank: int | None = None, kill_when=None):
     """Run ``python *args`` as ``world`` ranks; return ``[(returncode, stdout, stderr)]`` per rank.
 
-    ``kill_rank``/``kill_when``: SIGKILL that rank once ``kill_when()`` is true (polled)."""
+    ``rank_args(rank)``: extra arguments of one rank. ``kill_rank``/``kill_when``: SIGKILL that
+    rank once ``kill_when()`` is true (polled)."""
     port = free_port()
-    procs = []
+    procs, logs = [], []
+    folder = Path(tempfile.mkdtemp(prefix="zotune-ranks-"))
     base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-            "WORLD_SIZE": str(world), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src"),
-            "TORCHELASTIC_ERROR_FILE": "", **(env or {})}
+            "WORLD_SIZE": str(world), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src"), **(env or {})}
     try:
         for rank in range(world):
             e = {**base, "RANK": str(rank), "LOCAL_RANK": str(rank)}
-            procs.append(subprocess.Popen([sys.executable, *map(str, args)], env=e, cwd=REPO,
-                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+            extra = list(rank_args(rank)) if rank_args else []
+            out, err = open(folder / f"{rank}.out", "w"), open(folder / f"{rank}.err", "w")
+            logs.append((out, err))  # files, not pipes: a full pipe would block a rank
+            procs.append(subprocess.Popen([sys.executable, *map(str, args), *map(str, extra)], env=e,
+                                          cwd=REPO, stdout=out, stderr=err, text=True))
         deadline = time.monotonic() + timeout
         killed = False
         while any(p.poll() is None for p in procs):
@@ -43,9 +49,14 @@ def launch(world: int, args: list[str], *, timeout: float = 120.0, env: dict | N
                 os.kill(procs[kill_rank].pid, signal.SIGKILL)
                 killed = True
             time.sleep(0.05)
-        return [(p.returncode, *p.communicate()) for p in procs]
+        return [(p.returncode, (folder / f"{r}.out").read_text(), (folder / f"{r}.err").read_text())
+                for r, p in enumerate(procs)]
     finally:
         for p in procs:
             if p.poll() is None:
                 os.kill(p.pid, signal.SIGKILL)
                 p.wait()
+        for out, err in logs:
+            out.close()
+            err.close()
+        shutil.rmtree(folder, ignore_errors=True)
