@@ -150,3 +150,67 @@ def test_a_killed_rank_ends_the_others_with_a_clear_error(tiny_dir, data_dir, tm
     assert state["step"] > 0 and (out / "checkpoints" / name / "trainable.safetensors").exists()
     assert torch.load(out / "checkpoints" / name / "optimizer.pt", weights_only=True)["zo"]
     assert not list((out / "checkpoints").glob("*.tmp"))
+
+
+def test_the_wrapper_changes_nothing_on_every_preset(monkeypatch):
+    """On a one-rank group in this process, every preset (DiZO's projection, KerZOO's gram,
+    zo-cons, FZOO, PeZO, ...) through the distributed engine is bitwise the inner engine, and its
+    state dict resumes bitwise."""
+    import zotune
+    from test_conformance import PRESETS, make_preset
+    from zotune.distributed import init, shutdown
+
+    def optimizer(**extra):
+        class Optimizer(ZOOptimizer):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **{**kwargs, **extra})
+        return Optimizer
+
+    topology = init("pertp")
+    try:
+        for name in PRESETS:
+            runs = []
+            for extra in ({"master_weights": True}, {"master_weights": True, "parallel": topology}):
+                monkeypatch.setattr(zotune, "ZOOptimizer", optimizer(**extra))
+                model, loss, opt = make_preset(name)
+                losses = [opt.step(loss) for _ in range(6)]
+                saved = ({k: v.clone() for k, v in model.state_dict().items()}, opt.state_dict())
+                losses += [opt.step(loss) for _ in range(4)]
+                opt.flush()
+                runs.append((losses, model.weight.detach().clone()))
+            (a, wa), (b, wb) = runs
+            assert a == b and torch.equal(wa, wb), name
+            model, loss, opt = make_preset(name)  # resumed at step 6 through the wrapper
+            model.load_state_dict(saved[0])
+            opt.load_state_dict(saved[1])
+            assert [opt.step(loss) for _ in range(4)] == b[6:], name
+            opt.flush()
+            assert torch.equal(model.weight, wb), name
+    finally:
+        shutdown()
+
+
+def test_cost_model_terms_and_plan(capsys):
+    from zotune.distributed.cost import Cluster, Workload, calibrate_forward, plan, predict
+
+    fwd = calibrate_forward({4: 1.0 + 0.5 * 4, 8: 1.0 + 0.5 * 8, 16: 1.0 + 0.5 * 16})
+    assert fwd.fixed == pytest.approx(1.0) and fwd.per_example == pytest.approx(0.5)
+    work = Workload(params=1e8, batch=16, offload=False)
+    cpu = Cluster(gpus=4, gpus_per_node=4, cores=2, latency_s=0.0)
+    one = predict(work, cpu, fwd, 1, 1, sweep_s=1.0)
+    assert one.step_s == pytest.approx(2 * (1 + 8) + 2)  # two forwards on 16 + two sweeps
+    ddp2 = predict(work, cpu, fwd, 2, 1, sweep_s=1.0)
+    assert ddp2.step_s == pytest.approx(2 * (1 + 4) + 2)
+    pertp2 = predict(work, cpu, fwd, 1, 2, sweep_s=1.0)
+    assert pertp2.step_s == pytest.approx(1 * (1 + 8) + 2)
+    ddp4 = predict(work, cpu, fwd, 4, 1, sweep_s=1.0)  # 4 processes on 2 cores: twice as slow
+    assert ddp4.step_s == pytest.approx(2 * (2 * (1 + 2) + 2))
+    # offload: sliced loading over NVLink beats every rank pulling the whole model over PCIe
+    big = Workload(params=175e9, batch=16, seq_len=256, blocks=96)
+    found = plan(big, Cluster(gpus=8, nvlink=True))
+    assert found[0].sliced and found[0].parts["offload"]
+    assert not any(p.sliced for p in plan(big, Cluster(gpus=8, nvlink=False)))
+    assert cli.main(["plan", "--model", "opt-175b", "--gpus", "8", "--nvlink"]) == 0
+    out = capsys.readouterr().out
+    assert "best: " in out and "sliced" in out and "offload" in out
+    assert cli.main(["plan", "--model", "opt-9000"]) == 2
