@@ -54,6 +54,7 @@ class Collectives:
 
     rank: int
     timeout: float
+    device: torch.device = torch.device("cpu")  # NCCL gathers CUDA tensors
     sent: dict[str, int] = field(default_factory=dict)
     calls: dict[str, int] = field(default_factory=dict)
 
@@ -64,12 +65,13 @@ class Collectives:
             return [values.clone()]
         self.sent[what] = self.sent.get(what, 0) + values.numel() * values.element_size()
         self.calls[what] = self.calls.get(what, 0) + 1
+        values = values.to(self.device)
         out = [torch.empty_like(values) for _ in range(size)]
         try:
             dist.all_gather(out, values, group=group)
         except RuntimeError as exc:  # DistBackendError and gloo's connection errors are RuntimeErrors
             raise RankFailure(failure_message(self.rank, what, self.timeout, exc)) from None
-        return out
+        return [o.cpu() for o in out]
 
     def barrier(self, what: str) -> None:
         """Wait for every rank (a one-element gather, so it fails like any other collective)."""
@@ -198,7 +200,8 @@ def init(mode: str, pertp: int | None = None, *, timeout: float = DEFAULT_TIMEOU
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh("cuda" if cuda else "cpu", (dp, pp), mesh_dim_names=("dp", "pertp"))
-    return Topology(mode, dp, pp, rank, world, mesh, Collectives(rank, timeout))
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    return Topology(mode, dp, pp, rank, world, mesh, Collectives(rank, timeout, device))
 
 
 def shutdown() -> None:
