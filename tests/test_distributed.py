@@ -50,7 +50,7 @@ def run_modes(tmp_path, world, specs):
     for code, out, err in results:
         assert code == 0, err[-3000:]
     found = {}
-    for spec in specs:
+    for spec in [s for s in specs if s != "badlayout"]:
         mode, pertp, probes = (spec.split(":") + ["2", "1"])[:3]
         found[spec] = [torch.load(tmp_path / f"{mode}-{pertp}-{probes}-rank{r}.pt") for r in range(world)]
     return found
@@ -60,7 +60,12 @@ def test_modes_equal_a_single_process_and_send_only_losses(tmp_path):
     # one launch of 4 ranks: data parallel over 4 shards; point parallel on MeZO's 2 points (two
     # ranks idle) and on 2-probe SPSA's 4 points; a 2 x 2 mesh
     world, specs = 4, ["ddp", "pertp", "pertp:1:2", "2d:2"]
-    found = run_modes(tmp_path, world, specs)
+    found = run_modes(tmp_path, world, specs + ["badlayout"])
+    for r in range(world):  # a rank with another set of trainable tensors: an error on every rank
+        message = torch.load(tmp_path / f"badlayout-rank{r}.pt")["message"]
+        assert message == ("ranks disagree on the parameter layout (rank(s) 1 differ from rank 0); "
+                           "start every rank with the same settings (the same command line and "
+                           "config file)"), message
     for spec, ranks in found.items():
         mode, pertp, probes = (spec.split(":") + ["2", "1"])[:3]
         dp, pp = mesh_shape(mode, world, int(pertp))
@@ -117,12 +122,17 @@ def test_resume_with_another_world_size_equals_the_uninterrupted_run(tiny_dir, d
     assert not list((straight / "checkpoints").glob("*.tmp"))
 
 
-def test_a_mismatched_seed_is_a_clear_error_at_start(tiny_dir, data_dir, tmp_path):
+@pytest.mark.parametrize("flag,value,message", [
+    ("--seed", lambda r: r, "ranks disagree on the run seed (rank 0 has 0, rank 1 has 1)"),
+    ("--lr", lambda r: 1e-3 * (r + 1), "ranks disagree on the configuration (rank(s) 1 differ from rank 0)"),
+])
+def test_a_mismatched_setting_is_a_clear_error_at_start(tiny_dir, data_dir, tmp_path, flag, value, message):
     results = launch(2, train_args(tiny_dir, data_dir, tmp_path / "run", 6, "--parallel", "ddp"),
-                     rank_args=lambda r: ["--seed", r], timeout=120)
+                     rank_args=lambda r: [flag, value(r)], timeout=120)
     for code, _, err in results:
         assert code == 2, err[-2000:]
-        assert "ranks disagree on the run seed (rank 0 has 0, rank 1 has 1)" in err
+        assert f"zotune: error: {message}; start every rank with the same settings" in err, err[-2000:]
+        assert "Traceback" not in err
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
