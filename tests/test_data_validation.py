@@ -204,8 +204,9 @@ def test_train_stops_at_load_or_skips_and_counts(tiny_dir, data_dir, tmp_path, c
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"zotune: error: sst2: {train}:6: unknown label '5'") and "\n" not in err
     assert cli.main([str(a) for a in args + ["--output-dir", tmp_path / "skip", "--skip-bad-rows"]]) == 0
-    out = capsys.readouterr().out
-    assert f"note: sst2: skipped 1 bad row" in out and f"{train}:6" in out
+    captured = capsys.readouterr()
+    assert f"note: sst2: skipped 1 bad row" in captured.err and f"{train}:6" in captured.err
+    assert isinstance(json.loads(captured.out), dict)  # stdout holds the final JSON only
     summary = json.loads((tmp_path / "skip" / "summary.json").read_text())
     assert summary["skipped_rows"] == 1
     saved = json.loads((tmp_path / "skip" / "config.json").read_text())

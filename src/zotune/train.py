@@ -23,6 +23,7 @@ import json
 import math
 import os
 import resource
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -251,7 +252,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
     rank.check_optimizer(opt)
     scorer.runner.device = opt.engine.device  # the one place the model is called runs where the engine says
     for name in opt.excluded:
-        print(f"note: {name} is not trained: {opt.engine.layout.spec(name).reason}")
+        print(f"note: {name} is not trained: {opt.engine.layout.spec(name).reason}", file=sys.stderr)
     if opt.projection is not None:  # the projection search draws its own batches
         search = BatchSampler(len(data.train), d.batch_size, rng.mix(r.seed, 0x53454152))
         iterations = opt.projection.iterations
@@ -268,7 +269,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
     elif rank.is_writer:  # rank 0 evaluates; the others wait at their first step
         metrics_path.write_text("")
         for note in data.notes:
-            print(f"note: {note}")
+            print(f"note: {note}", file=sys.stderr)  # stdout is kept for the final JSON
         prog.phase(f"zero-shot evaluation on {len(dev)} dev + {len(data.test)} test examples")
         state.zero_shot = {"dev": evaluate(scorer, task, dev, d.eval_batch_size, desc="zero-shot dev"),
                            "test": evaluate(scorer, task, data.test, d.eval_batch_size,
@@ -300,9 +301,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
             parts.append(f"dev={state.last_dev:.1f}")
         bar.set_postfix_str(", ".join(parts), refresh=False)
 
-    def save_checkpoint(share: Path | None = None) -> None:
+    def save_checkpoint(share: Path | None = None, flush: bool = True) -> None:
+        """``flush=False`` for a stop between evaluations: the parameters are saved as they are
+        (a held update, or a step stopped half-way at a perturbed point, goes into the optimizer
+        state), so the resumed run rounds exactly as the uninterrupted one would have."""
         nonlocal saved_at
-        opt.flush()
+        if flush:
+            opt.flush()
         state.wall_time = time.perf_counter() - start_time
         state.forward_passes = opt.forward_passes
         state.random_numbers = opt.engine.numbers_drawn
@@ -341,7 +346,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
                 status = "max_time"
                 with signals.deferred():
                     if saved_at != state.step:
-                        save_checkpoint()
+                        save_checkpoint(flush=False)
                 signals.check()
                 break
             batch = rank.shard([data.train[i] for i in sampler.indices(state.step)])
@@ -369,7 +374,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
         bar.close()
         if not getattr(stop, "immediate", False):  # a second signal: the last checkpoint stays
             if saved_at != state.step:
-                save_checkpoint()
+                save_checkpoint(flush=False)
             stop.saved = True
             _finish(out, cfg, state, opt, task, scorer, data, params, start_time,
                     getattr(stop, "status", "interrupted"), final_eval=False)

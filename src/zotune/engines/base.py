@@ -10,7 +10,9 @@ An engine owns where the parameters live. Its contract (DESIGN.md, section 1.1):
     points evaluated while a block is resident (offload; the objective is then a structured
     :class:`~zotune.objectives` object it can drive, not an opaque closure), a subset of the points
     on this rank and the rest gathered (distributed), or forwards restarted from cached block
-    inputs (feature reuse). A deferred update is fused into the first move.
+    inputs (feature reuse). A deferred update is fused into the first move. An engine whose
+    moves round differently by path (in place) keeps the values of an evaluation stopped by an
+    exception, in its state, and continues it when asked the same plan again.
 ``apply(update, defer=False)``
     apply an :class:`Update` now, or hold it to fuse into the next evaluation (``defer``).
 ``flush()``

@@ -113,6 +113,7 @@ class InMemoryEngine:
         self.rng_device = torch.device(self.layout.rng_device)
         self.current: Terms = ()
         self.pending: Update | None = None
+        self.partial: tuple[ProbePlan, list] | None = None  # an evaluation stopped half-way
         self.threads = threads or torch.get_num_threads()
         self._pool: ThreadPoolExecutor | None = None
         self._local = threading.local()
@@ -128,11 +129,16 @@ class InMemoryEngine:
     def evaluate(self, plan: ProbePlan, objective: Callable[[], object]) -> list:
         """``objective()`` at every point of ``plan``, in order; a held update is fused into the
         first move. The parameters stay at the last point (``apply`` or ``flush`` move them on)."""
-        values = []
-        for i in range(plan.num_points):
+        # An evaluation stopped by an exception (Ctrl-C in the objective) keeps its values: asked
+        # again for the same plan it continues at the point where it stopped, because moving back
+        # to the first point would round differently from the path an uninterrupted run takes.
+        values = self.partial[1] if self.partial is not None and self.partial[0] == plan else []
+        self.partial = (plan, values)
+        for i in range(len(values), plan.num_points):
             pending, self.pending = self.pending, None
             self.move(plan.point_terms(i), pending)
             values.append(objective())
+        self.partial = None
         return values
 
     def apply(self, update: Update, defer: bool = False) -> None:
@@ -240,8 +246,12 @@ class InMemoryEngine:
 
     def state_dict(self) -> dict:
         """The current perturbation and the fp32 master copies (copies)."""
+        partial = None if self.partial is None or not self.partial[1] else {
+            "keys": list(self.partial[0].keys), "points": [[list(t) for t in p] for p in self.partial[0].points],
+            "values": [v.detach().clone() if torch.is_tensor(v) else v for v in self.partial[1]]}
         return {"current": [[k, a] for k, a in self.current],
-                "masters": [None if t.master is None else t.master.clone() for t in self.tensors]}
+                "masters": [None if t.master is None else t.master.clone() for t in self.tensors],
+                "partial": partial}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`; master copies are copied in place (the engine keeps its own
@@ -260,6 +270,11 @@ class InMemoryEngine:
                                      f"{tuple(t.master.shape)}")
                 t.master.copy_(m)
         self.current = tuple((int(k), coef_from_state(a)) for k, a in state["current"])
+        partial = state.get("partial")
+        self.partial = None if partial is None else (
+            ProbePlan(tuple(int(k) for k in partial["keys"]),
+                      tuple(tuple((int(j), coef_from_state(a)) for j, a in p) for p in partial["points"])),
+            list(partial["values"]))
 
     def close(self) -> None:
         if self._pool is not None:
