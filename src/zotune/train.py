@@ -342,7 +342,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
                 bar.refresh()
             if state.step >= r.steps:
                 break
-            if r.max_time and time.perf_counter() - start_time > r.max_time:
+            if r.max_time and rank.decide(time.perf_counter() - start_time > r.max_time):
                 status = "max_time"
                 with signals.deferred():
                     if saved_at != state.step:

@@ -64,6 +64,13 @@ class RunContext:
         if self.topology is not None and self.topology.world > 1:
             self.topology.comm.barrier(what)
 
+    def decide(self, flag: bool) -> bool:
+        """Rank 0's ``flag`` on every rank (``--max-time``: the ranks' clocks differ)."""
+        if self.topology is None or self.topology.world == 1:
+            return flag
+        seen = self.topology.comm.all_gather(torch.tensor([int(flag)]), None, "max-time decision")
+        return bool(seen[0][0])
+
     def agree_on_stop(self, signals) -> None:
         """Make a stop signal seen by any rank a stop of every rank after this step."""
         if self.topology is None or self.topology.world == 1:
