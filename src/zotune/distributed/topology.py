@@ -142,8 +142,11 @@ class Topology:
         return range(min(num_points, p * per), min(num_points, (p + 1) * per))
 
     def shard(self, items: list, dp_rank: int | None = None) -> list:
-        """This data-parallel rank's contiguous share of a global batch (equal shares: the batch
-        size must be divisible by ``dp``, checked by :func:`check_batch`)."""
+        """This data-parallel rank's contiguous share of a global batch (equal shares: its size
+        must be divisible by ``dp``; ``zotune train`` checks ``--batch-size`` at start)."""
+        if len(items) % self.dp:
+            raise ZotuneError(f"a batch of {len(items)} does not split evenly among {self.dp} "
+                              f"data-parallel ranks: use a multiple of {self.dp}")
         d = self.dp_rank if dp_rank is None else dp_rank
         per = len(items) // self.dp
         return items[d * per:(d + 1) * per]

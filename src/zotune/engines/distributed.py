@@ -50,9 +50,10 @@ def path_independent(engine) -> bool:
 
 
 def engine_options(parallel, master_weights):
-    """The inner engine's ``master_weights`` for a parallel mode: on for point parallelism."""
+    """The inner engine's ``master_weights`` for a parallel mode: ``auto`` is on for point
+    parallelism (an explicit False is then refused by :class:`DistributedEngine`)."""
     mode = parallel.mode if isinstance(parallel, Topology) else parallel
-    return True if mode in ("pertp", "2d") else master_weights
+    return True if mode in ("pertp", "2d") and master_weights == "auto" else master_weights
 
 
 class DistributedEngine:
@@ -76,7 +77,8 @@ class DistributedEngine:
                                  "or bfloat16 parameters, or --parallel ddp")
             if not path_independent(inner):
                 raise ValueError("point parallelism needs an engine whose points do not depend on "
-                                 "the path (in-memory with master_weights=True, or reference)")
+                                 "the path: master_weights='auto' or True (in-memory, offload), or "
+                                 "engine='reference'")
         agree(topology, "run seed", int(seed), show=True)
         agree(topology, "parameter layout", layout_summary(inner.layout))
         self._derived = [self._derived_master(i) for i in range(len(inner.layout))]
