@@ -14,6 +14,13 @@ Each configuration is one launch (the model loaded once per rank, ``--warmup`` s
 changing machine load hits every configuration alike. ``single-1t`` also calibrates the cost
 model: forward times at the shard sizes and the sweep time (step minus two forwards, halved).
 
+Two clocks: wall time (what a user waits, stretched by whatever else runs on the machine) and
+each rank's CPU time (``time.process_time``: its own compute; a gather's wait is not counted),
+the busiest rank's reported. For one-thread ranks the CPU time is the wall time the step would
+take on an idle machine with a core per rank, up to the gathers' latency (microseconds here),
+so the second half of the table survives a loaded machine; the cost model predicts the wall
+times with this machine's cores and the CPU times with a core per rank.
+
     python benchmarks/distributed.py                    # writes the tables to stdout as JSON + text
     python benchmarks/distributed.py --rounds 3 --steps 5 --markdown   # the docs/benchmarks.md table
 
@@ -58,29 +65,32 @@ def worker(args) -> None:
     opt = ZOOptimizer(model.named_parameters(), lr=1e-7, eps=1e-3, seed=0, threads=args.threads,
                       defer_update=True, **({"parallel": topo} if topo else {}))
     loss = lambda: model(input_ids=mine, labels=mine).loss  # noqa: E731
-    times = []
+    times, cpu = [], []
     with torch.no_grad():
         for i in range(args.warmup + args.steps):
             if topo:
                 topo.comm.barrier("benchmark step")  # the ranks start each step together
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             opt.step(loss)
             times.append(time.perf_counter() - t)
-        result = {"step_s": statistics.median(times[args.warmup:]), "steps": times[args.warmup:]}
+            cpu.append(time.process_time() - c)  # this rank's own compute (waiting is not counted)
+        result = {"step_s": statistics.median(times[args.warmup:]), "steps": times[args.warmup:],
+                  "cpu_step_s": statistics.median(cpu[args.warmup:])}
         if args.calibrate:  # forward times at each shard size, for the cost model
-            fwd = {}
+            fwd, fwd_cpu = {}, {}
             for e in sorted({args.batch, args.batch // 2, args.batch // 4}):
                 x = ids[:e]
-                samples = []
+                samples, cpu_samples = [], []
                 for _ in range(max(2, args.steps)):
-                    t = time.perf_counter()
+                    t, c = time.perf_counter(), time.process_time()
                     model(input_ids=x, labels=x)
                     samples.append(time.perf_counter() - t)
-                fwd[e] = statistics.median(samples)
-            result["forward_s"] = fwd
+                    cpu_samples.append(time.process_time() - c)
+                fwd[e], fwd_cpu[e] = statistics.median(samples), statistics.median(cpu_samples)
+            result["forward_s"], result["forward_cpu_s"] = fwd, fwd_cpu
             result["sweep_s"] = max(0.0, (result["step_s"] - 2 * fwd[args.batch]) / 2)
-    if topo is None or topo.rank == 0:
-        Path(args.result).write_text(json.dumps(result))
+            result["sweep_cpu_s"] = max(0.0, (result["cpu_step_s"] - 2 * fwd_cpu[args.batch]) / 2)
+    Path(f"{args.result}.{topo.rank if topo else 0}").write_text(json.dumps(result))
 
 
 # ----------------------------------------------------------------------------- the launcher
@@ -113,7 +123,10 @@ def launch(name: str, args, calibrate: bool) -> dict:
             time.sleep(0.2)
         if any(p.returncode for p in running):
             raise RuntimeError(f"{name}: a rank failed ({[p.returncode for p in running]})")
-        return json.loads(result.read_text())
+        found = [json.loads(Path(f"{result}.{r}").read_text()) for r in range(procs)]
+        # CPU time of the busiest rank: the wall time of a step on an idle machine with a core per
+        # rank, up to the gathers' latency (a loaded machine stretches wall time, not CPU time)
+        return {**found[0], "cpu_step_s": max(f["cpu_step_s"] for f in found)}
     finally:
         for p in running:
             if p.poll() is None:
@@ -121,19 +134,23 @@ def launch(name: str, args, calibrate: bool) -> dict:
                 p.wait()
 
 
-def predictions(calib: dict, args) -> dict:
-    """The cost model's step time of every distributed configuration from single-1t's numbers."""
+def predictions(calib: dict, args, cores: int | None = -1) -> dict:
+    """The cost model's step time of every distributed configuration from single-1t's numbers:
+    its wall times on this machine's cores (default), or its CPU times with a core per rank
+    (``cores=None``)."""
     from zotune.distributed.cost import Cluster, Workload, calibrate_forward, predict
 
-    forward = calibrate_forward({int(k): v for k, v in calib["forward_s"].items()})
+    suffix = "_s" if cores == -1 else "_cpu_s"
+    forward = calibrate_forward({int(k): v for k, v in calib["forward" + suffix].items()})
     work = Workload(params=134.5e6, blocks=30, batch=args.batch, seq_len=args.seq_len, offload=False)
-    cluster = Cluster(gpus=4, gpus_per_node=4, cores=os.cpu_count(), latency_s=1e-4)
+    cluster = Cluster(gpus=4, gpus_per_node=4, cores=os.cpu_count() if cores == -1 else cores,
+                      latency_s=1e-4)
     out = {}
     for name, (procs, mode, threads, pertp) in CONFIGS.items():
         if mode is None and threads > 1:
             continue  # thread scaling is not what the model describes
         dp = procs // pertp
-        out[name] = predict(work, cluster, forward, dp, pertp, sweep_s=calib["sweep_s"]).step_s
+        out[name] = predict(work, cluster, forward, dp, pertp, sweep_s=calib["sweep" + suffix]).step_s
     return out
 
 
@@ -181,6 +198,7 @@ def main() -> None:
         names.insert(0, "single-1t")
     load_before = Path("/proc/loadavg").read_text().split()[:3]
     runs: dict[str, list] = {n: [] for n in names}
+    cpu_runs: dict[str, list] = {n: [] for n in names}
     calib = None
     for r in range(args.rounds):
         for name in names:
@@ -188,27 +206,41 @@ def main() -> None:
             if "forward_s" in got:
                 calib = got if calib is None else calib
             runs[name].append(got["step_s"])
-            print(json.dumps({"round": r, "config": name, "step_s": got["step_s"]}), flush=True)
+            cpu_runs[name].append(got["cpu_step_s"])
+            print(json.dumps({"round": r, "config": name, "step_s": got["step_s"],
+                              "cpu_step_s": got["cpu_step_s"]}), flush=True)
     load_after = Path("/proc/loadavg").read_text().split()[:3]
     predicted = predictions(calib, args)
+    idle = predictions(calib, args, cores=None)  # a core per rank: what the CPU-time column measures
     base = statistics.median(runs["single-1t"])
+    cpu_base = statistics.median(cpu_runs["single-1t"])
     rows = []
     for name in names:
-        step = statistics.median(runs[name])
-        pred = predicted.get(name)
+        step, cpu_step = statistics.median(runs[name]), statistics.median(cpu_runs[name])
+        pred, pred_idle = predicted.get(name), idle.get(name)
+        one_thread = CONFIGS[name][2] == 1
         rows.append({"config": name, "step_s": step, "examples_per_s": args.batch / step,
                      "vs_single_1t": base / step, "predicted_step_s": pred,
-                     "prediction_error": None if pred is None else pred / step - 1})
+                     "prediction_error": None if pred is None else pred / step - 1,
+                     "cpu_step_s": cpu_step if one_thread else None,
+                     "cpu_examples_per_s": args.batch / cpu_step if one_thread else None,
+                     "cpu_vs_single_1t": cpu_base / cpu_step if one_thread else None,
+                     "predicted_idle_step_s": pred_idle,
+                     "idle_prediction_error": None if pred_idle is None or not one_thread else pred_idle / cpu_step - 1})
     print(json.dumps({"rows": rows, "calibration": calib, "loadavg_before": load_before,
                       "loadavg_after": load_after, "cpus": os.cpu_count()}))
     if args.markdown:
-        print("| config | step s | examples/s | vs single-1t | predicted step s | model error |")
-        print("|---|---|---|---|---|---|")
+        f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
+        print("| config | wall step s | examples/s | vs single-1t | predicted (this machine) | error "
+              "| CPU step s (busiest rank) | examples/s | vs single-1t | predicted (a core per rank) | error |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for row in rows:
-            pred = "-" if row["predicted_step_s"] is None else f"{row['predicted_step_s']:.2f}"
-            err = "-" if row["prediction_error"] is None else f"{row['prediction_error']:+.0%}"
             print(f"| {row['config']} | {row['step_s']:.2f} | {row['examples_per_s']:.2f} | "
-                  f"{row['vs_single_1t']:.2f}x | {pred} | {err} |")
+                  f"{row['vs_single_1t']:.2f}x | {f(row['predicted_step_s'], '.2f')} | "
+                  f"{f(row['prediction_error'], '+.0%')} | {f(row['cpu_step_s'], '.2f')} | "
+                  f"{f(row['cpu_examples_per_s'], '.2f')} | "
+                  f"{'-' if row['cpu_vs_single_1t'] is None else format(row['cpu_vs_single_1t'], '.2f') + 'x'} | "
+                  f"{f(row['predicted_idle_step_s'], '.2f')} | {f(row['idle_prediction_error'], '+.0%')} |")
         print(f"\nload average before {' '.join(load_before)}, after {' '.join(load_after)}; "
               f"{os.cpu_count()} CPUs")
 
