@@ -10,6 +10,13 @@ from dataclasses import fields
 from .cost import MODELS, Cluster, gpu_forward, plan, predict, table, workload_for
 
 
+LINKS = {"pcie_gbps": "host-to-GPU bandwidth per GPU and direction, GB/s",
+         "nvlink_gbps": "GPU-to-GPU all-gather bandwidth per GPU, GB/s",
+         "host_gbps": "host memory bandwidth a node's GPUs share, GB/s",
+         "gpu_mem_gb": "memory per GPU, GB (a model above 80%% of it is streamed)",
+         "tflops": "effective TFLOP/s per GPU", "latency_s": "latency of one small collective, s"}
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("plan", help="predict the step time of each distributed mode",
                        description="Predict the step time and throughput of single-GPU, ddp, pertp, "
@@ -28,10 +35,9 @@ def add_parser(sub) -> None:
     p.add_argument("--bytes-per-param", type=int, default=2, help="2 for fp16/bf16 (default: 2)")
     defaults = Cluster()
     for f in fields(Cluster):
-        if f.name in ("gpus", "gpus_per_node", "nvlink", "cores"):
-            continue
-        p.add_argument("--" + f.name.replace("_", "-"), type=float, default=getattr(defaults, f.name),
-                       help=f"{f.name} (default: {getattr(defaults, f.name)})")
+        if f.name in LINKS:
+            p.add_argument("--" + f.name.replace("_", "-"), type=float, default=getattr(defaults, f.name),
+                           help=f"{LINKS[f.name]} (default: {getattr(defaults, f.name):g})")
     p.set_defaults(func=run)
 
 
