@@ -207,8 +207,7 @@ def main() -> None:
                 calib = got if calib is None else calib
             runs[name].append(got["step_s"])
             cpu_runs[name].append(got["cpu_step_s"])
-            print(json.dumps({"round": r, "config": name, "step_s": got["step_s"],
-                              "cpu_step_s": got["cpu_step_s"]}), flush=True)
+            print(json.dumps({"round": r, "config": name, **got}), flush=True)
     load_after = Path("/proc/loadavg").read_text().split()[:3]
     predicted = predictions(calib, args)
     idle = predictions(calib, args, cores=None)  # a core per rank: what the CPU-time column measures
