@@ -22,11 +22,11 @@ def free_port() -> int:
 
 
 def launch(world: int, args: list[str], *, timeout: float = 120.0, env: dict | None = None,
-           rank_args=None, kill_rank: int | None = None, kill_when=None):
+           rank_args=None, kill_rank: int | None = None, kill_when=None, kill_signal=signal.SIGKILL):
     """Run ``python *args`` as ``world`` ranks; return ``[(returncode, stdout, stderr)]`` per rank.
 
     ``rank_args(rank)``: extra arguments of one rank. ``kill_rank``/``kill_when``: SIGKILL that
-    rank once ``kill_when()`` is true (polled)."""
+    rank with ``kill_signal`` once ``kill_when()`` is true (polled)."""
     port = free_port()
     procs, logs = [], []
     folder = Path(tempfile.mkdtemp(prefix="zotune-ranks-"))
@@ -46,7 +46,7 @@ def launch(world: int, args: list[str], *, timeout: float = 120.0, env: dict | N
             if time.monotonic() > deadline:
                 raise TimeoutError(f"ranks still running after {timeout} s")
             if kill_rank is not None and not killed and kill_when():
-                os.kill(procs[kill_rank].pid, signal.SIGKILL)
+                os.kill(procs[kill_rank].pid, kill_signal)
                 killed = True
             time.sleep(0.05)
         return [(p.returncode, (folder / f"{r}.out").read_text(), (folder / f"{r}.err").read_text())

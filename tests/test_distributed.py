@@ -245,3 +245,21 @@ def test_the_offload_engine_runs_distributed_unchanged(tiny_dir, data_dir, tmp_p
         torch.set_num_threads(threads)
     (a_losses, a), (b_losses, b) = runs
     assert a_losses == b_losses and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(tiny_dir, data_dir, tmp_path):
+    """The stop flag is gathered each step: rank 0 saves the step every rank stopped at."""
+    import signal
+
+    out = tmp_path / "run"
+    latest = out / "checkpoints" / "latest"
+    results = launch(2, train_args(tiny_dir, data_dir, out, 100000, "--parallel", "ddp",
+                                   "--dist-timeout", 60), timeout=180, kill_rank=1,
+                     kill_when=latest.exists, kill_signal=signal.SIGTERM)
+    for code, _, err in results:
+        assert code == 143, err[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "terminated"
+    name = latest.read_text().strip()
+    assert json.loads((out / "checkpoints" / name / "state.json").read_text())["step"] == summary["steps"]
+    assert "the checkpoint at step" in results[0][2] and "continue with --resume" in results[0][2]
