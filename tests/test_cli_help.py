@@ -28,7 +28,7 @@ def helps(name: str) -> dict[str, str]:
             for a in parser._actions if a.option_strings}
 
 
-@pytest.mark.parametrize("command", ["train", "eval"])
+@pytest.mark.parametrize("command", ["train", "eval", "plan"])
 def test_every_flag_has_help_and_one_default(command):
     for flag, text in helps(command).items():
         assert text.strip(), f"{command} {flag} has no help"

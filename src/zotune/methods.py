@@ -67,7 +67,7 @@ OPTIONS = ("seed", "direction", "num_probes", "one_sided", "momentum", "betas", 
            "warmup_steps", "total_steps", "defer_update", "estimator", "update", "kernel", "projection",
            "clip_norm", "transforms", "chunk_size", "master_weights", "threads", "engine", "rng_device",
            "low_precision_probes", "coupled_decay", "model", "bp_layers", "tail", "tail_grad", "lr_bp",
-           "tail_update", "tail_momentum", "tail_weight_decay", *OFFLOAD_OPTIONS)
+           "tail_update", "tail_momentum", "tail_weight_decay", "parallel", *OFFLOAD_OPTIONS)
 
 
 def decays(name: str, param, named: bool) -> bool:
@@ -169,7 +169,7 @@ def build(entries, *, eps: float, method: str, group_lrs, group_weight_decays, s
           master_weights="auto", threads=None, engine="in-memory", rng_device=None,
           low_precision_probes: str = "exclude", coupled_decay: bool = False, model=None,
           bp_layers=None, tail=None, tail_grad: str = "avg", lr_bp: float = 1e-2, tail_update: str = "sgd",
-          tail_momentum: float = 0.9, tail_weight_decay: float = 0.0, **engine_options) -> StepCore:
+          tail_momentum: float = 0.9, tail_weight_decay: float = 0.0, parallel=None, **engine_options) -> StepCore:
     """Assemble a step core from ``(name, tensor, group, decays)`` entries and the options of
     :class:`~zotune.optim.ZOOptimizer` (which documents them). With ``model``, its block table
     decides weight decay (norms and biases exempt) and DiZO's attention targets.
@@ -194,6 +194,9 @@ def build(entries, *, eps: float, method: str, group_lrs, group_weight_decays, s
         bp_layers = spec.get("bp_layers")
     elastic = spec.get("program") == "elastic" or bp_layers is not None or tail is not None
     if elastic:
+        if parallel is not None:  # its tail gradients would need an all-reduce, not scalars
+            raise ValueError(f"{method} with a backprop tail (ElasticZO) does not run under "
+                             f"parallel={getattr(parallel, 'mode', parallel)!r} yet; drop parallel or bp_layers/tail")
         if spec.get("program", "estimate") not in ("estimate", "elastic"):
             raise ValueError(f"{method} runs the {spec['program']!r} step, which has no backprop tail; "
                              "bp_layers/tail apply to methods with the plain estimate step")
@@ -226,8 +229,14 @@ def build(entries, *, eps: float, method: str, group_lrs, group_weight_decays, s
     elif engine_options:
         raise ValueError(f"{', '.join(sorted(engine_options))} apply to engine='offload' only, "
                          f"not {engine!r}")
+    if parallel is not None:  # point parallelism needs master copies (engines/distributed.py)
+        from .engines.distributed import engine_options as parallel_engine_options
+        master_weights = parallel_engine_options(parallel, master_weights)
     eng = engine_cls(entries, direction, chunk_size=chunk_size, master_weights=master_weights,
                      threads=threads, rng_device=rng_device, **engine_options)
+    if parallel is not None:  # the plan's points and the batch divided among ranks
+        from .engines.distributed import wrap
+        eng = wrap(eng, parallel, seed=seed)
     eng.layout.blocks = table
     excluded = exclude_unprobed(eng, eps) if low_precision_probes == "exclude" else []
     if excluded:

@@ -57,7 +57,10 @@ class ZOOptimizer(torch.optim.Optimizer):
             ``offload_dir``, ``resident_blocks``, ``overlap``, ``fsync``), ``rng_device``,
             ``low_precision_probes`` (``exclude`` tensors whose bf16/fp16 probes round away, or
             ``keep``), ``bp_layers``, ``tail``, ``tail_grad``, ``lr_bp``, ``tail_update``,
-            ``tail_momentum``, ``tail_weight_decay`` (ElasticZO); see :func:`zotune.methods.build` and docs/design.md.
+            ``tail_momentum``, ``tail_weight_decay`` (ElasticZO), ``parallel`` (``ddp``, ``pertp``,
+            ``2d`` or a ``zotune.distributed.Topology``: the engine on the ranks of ``torchrun``;
+            each rank passes the closure of its own data shard; docs/distributed.md); see
+            :func:`zotune.methods.build` and docs/design.md.
     """
 
     def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, method: str = "mezo", *,

@@ -385,6 +385,16 @@ class EngineConfig:
                                       resume=FREE, default_text="none", added=True)
     resident_blocks: int = setting(0, "blocks kept resident, never offloaded (--engine offload)",
                                    resume=FREE, added=True)
+    # Distributed (docs/distributed.md): every mode and world size reads the same checkpoints.
+    parallel: str = setting("none", "distribute the step over the ranks of torchrun: ddp (each rank "
+                            "its share of the batch), pertp (each rank its share of the probe "
+                            "points), 2d (both, --pertp ranks per point group)", resume=FREE,
+                            choices=("none", "ddp", "pertp", "2d"), added=True)
+    pertp: int = setting(2, "point-parallel ranks per group with --parallel 2d", resume=FREE,
+                         added=True)
+    dist_timeout: float = setting(1800.0, "seconds a rank waits for the others before stopping "
+                                  "with an error (must exceed rank 0's longest evaluation)",
+                                  resume=FREE, added=True)
 
     def engine_options(self) -> dict:
         """The ZOOptimizer arguments of this section beyond ``defer_update``."""
