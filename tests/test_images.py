@@ -251,3 +251,24 @@ def test_cli_cifar10_with_augmentation_and_a_batchnorm_cnn(tmp_path):
     assert summary["steps"] == 3 and summary["test_examples"] == 16
     bn = load_file(str(out / "checkpoints" / "step-0000003" / "trainable.safetensors"))["0.1.num_batches_tracked"]
     assert int(bn) == 3  # BatchNorm's running statistics: one update per step, not per pass
+
+
+def test_cli_runs_elasticzo_int8_and_resumes_bitwise(fm_dir, tmp_path, capsys):
+    """The integer method through the recipe: same run directory, and exact resume of its int8 state."""
+    straight, split = tmp_path / "straight8", tmp_path / "split8"
+    common = ("--method", "elasticzo-int8", "--bp-layers", "2")
+    assert cli.main(train_args(fm_dir, straight, *common, "--steps", "6")) == 0
+    summary = json.loads((straight / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["method"] == "elasticzo-int8" and summary["steps"] == 6
+    assert summary["memory"]["model_bytes"] == 61706  # int8: one byte per parameter
+    assert cli.main(train_args(fm_dir, split, *common, "--steps", "3")) == 0
+    assert cli.main(train_args(fm_dir, split, *common, "--steps", "6", "--resume")) == 0
+    a, b = (torch.load(d / "checkpoints" / "step-0000006" / "optimizer.pt", weights_only=True) for d in (straight, split))
+    assert a["step"] == b["step"] == 6
+    assert all(torch.equal(a["params"][k], b["params"][k]) for k in a["params"])
+    floats = load_file(str(straight / "checkpoints" / "step-0000006" / "trainable.safetensors"))
+    assert torch.equal(floats["7.weight"], a["params"]["7.weight"].float() * 2.0 ** a["exponents"]["7.weight"])
+    assert json.loads((split / "summary.json").read_text())["test"] == summary["test"]
+    assert cli.main(train_args(fm_dir, tmp_path / "bad8", "--method", "elasticzo-int8", "--bp-layers", "4",
+                               "--steps", "2")) == 2
+    assert "at most 3 bp layers" in capsys.readouterr().err

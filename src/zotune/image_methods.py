@@ -94,3 +94,11 @@ class ZOTrainer:
 register("backprop", BackpropTrainer)
 register("mezo", lambda model, options: ZOTrainer(model, options, "mezo"))
 register("elasticzo", lambda model, options: ZOTrainer(model, options, "elasticzo"))
+
+
+def _elasticzo_int8(model: nn.Module, options: dict):
+    from .quant import build_elasticzo_int8  # integer-only ElasticZO (zotune.quant)
+    return build_elasticzo_int8(model, options)
+
+
+register("elasticzo-int8", _elasticzo_int8)

@@ -61,11 +61,13 @@ PROBE_COVERAGE_THRESHOLD = 0.5
 (``low_precision_probes="exclude"``): its ulp exceeds eps |z| almost everywhere, so its finite
 differences measure nothing and its update would be a random walk (docs/design.md)."""
 
+OFFLOAD_OPTIONS = ("offload_to", "offload_dir", "resident_blocks", "overlap", "fsync", "page_cache")
+"""Options of ``engine="offload"`` (``engines/offload.py``), passed to the engine as given."""
 OPTIONS = ("seed", "direction", "num_probes", "one_sided", "momentum", "betas", "adam_eps", "schedule",
            "warmup_steps", "total_steps", "defer_update", "estimator", "update", "kernel", "projection",
            "clip_norm", "transforms", "chunk_size", "master_weights", "threads", "engine", "rng_device",
            "low_precision_probes", "coupled_decay", "model", "bp_layers", "tail", "tail_grad", "lr_bp",
-           "tail_update", "tail_momentum", "tail_weight_decay")
+           "tail_update", "tail_momentum", "tail_weight_decay", *OFFLOAD_OPTIONS)
 
 
 def decays(name: str, param, named: bool) -> bool:
@@ -167,7 +169,7 @@ def build(entries, *, eps: float, method: str, group_lrs, group_weight_decays, s
           master_weights="auto", threads=None, engine="in-memory", rng_device=None,
           low_precision_probes: str = "exclude", coupled_decay: bool = False, model=None,
           bp_layers=None, tail=None, tail_grad: str = "avg", lr_bp: float = 1e-2, tail_update: str = "sgd",
-          tail_momentum: float = 0.9, tail_weight_decay: float = 0.0) -> StepCore:
+          tail_momentum: float = 0.9, tail_weight_decay: float = 0.0, **engine_options) -> StepCore:
     """Assemble a step core from ``(name, tensor, group, decays)`` entries and the options of
     :class:`~zotune.optim.ZOOptimizer` (which documents them). With ``model``, its block table
     decides weight decay (norms and biases exempt) and DiZO's attention targets.
@@ -218,8 +220,14 @@ def build(entries, *, eps: float, method: str, group_lrs, group_weight_decays, s
         table = block_table(model, strict=False)
     if table is not None:
         entries = [(e[0], e[1], e[2], not table.no_weight_decay(e[0]), *e[4:]) for e in entries]
+    engine_options = {k: v for k, v in engine_options.items() if v is not None}
+    if getattr(engine_cls, "needs_model", False):
+        engine_options["model"] = model
+    elif engine_options:
+        raise ValueError(f"{', '.join(sorted(engine_options))} apply to engine='offload' only, "
+                         f"not {engine!r}")
     eng = engine_cls(entries, direction, chunk_size=chunk_size, master_weights=master_weights,
-                     threads=threads, rng_device=rng_device)
+                     threads=threads, rng_device=rng_device, **engine_options)
     eng.layout.blocks = table
     excluded = exclude_unprobed(eng, eps) if low_precision_probes == "exclude" else []
     if excluded:

@@ -53,7 +53,8 @@ class ZOOptimizer(torch.optim.Optimizer):
             ``lr * lambda(t)`` as transformers' schedulers), ``warmup_steps``, ``total_steps``,
             ``defer_update``, ``estimator``, ``update``, ``kernel``, ``projection``,
             ``clip_norm``, ``transforms``, ``chunk_size``, ``master_weights``, ``threads``,
-            ``engine`` (``in-memory`` or ``reference``), ``rng_device``,
+            ``engine`` (``in-memory``, ``reference`` or ``offload``, which takes ``offload_to``,
+            ``offload_dir``, ``resident_blocks``, ``overlap``, ``fsync``), ``rng_device``,
             ``low_precision_probes`` (``exclude`` tensors whose bf16/fp16 probes round away, or
             ``keep``), ``bp_layers``, ``tail``, ``tail_grad``, ``lr_bp``, ``tail_update``,
             ``tail_momentum``, ``tail_weight_decay`` (ElasticZO); see :func:`zotune.methods.build` and docs/design.md.

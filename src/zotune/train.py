@@ -240,7 +240,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
                           one_sided=method.one_sided, weight_decay=method.weight_decay,
                           schedule=method.schedule, warmup_steps=method.warmup_steps,
                           total_steps=r.steps, defer_update=cfg.engine.defer_update, model=model,
-                          **method.optimizer_options())
+                          **method.optimizer_options(), **cfg.engine.engine_options())
     except ValueError as err:
         raise ZotuneError(f"method {method.name!r}: {err}") from None
     scorer.runner.device = opt.engine.device  # the one place the model is called runs where the engine says
@@ -419,6 +419,10 @@ def _finish(out, cfg, state, opt, task, scorer, data, params, start_time, status
                "random_numbers": opt.engine.numbers_drawn, "skipped_steps": opt.skipped_steps, "peak_rss_gib": _peak_rss_gib(),
                "train_examples": len(data.train), "dev_examples": len(_dev_set(cfg, data)),
                "test_examples": len(data.test), "skipped_rows": data.skipped_rows, "notes": data.notes}
+    if hasattr(opt.engine, "timing"):  # offload: per-step transfer and compute, what bounds it
+        from .engines.offload import throughput
+
+        summary["offload"] = throughput(opt.engine.timing)
     _write_json(out / "summary.json", summary)
     plot_curves(out / "metrics.jsonl", out / "curves.png",
                 title=f"{task.name} / {cfg.model.name} / {cfg.method.name}")

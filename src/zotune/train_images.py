@@ -33,7 +33,8 @@ from .models.vision import build_model
 from .tasks.images import IMAGE_TASKS, Batches, normalise
 
 DEFAULTS = {"backprop": {"lr": 0.05}, "mezo": {"lr": 1e-3, "eps": 1e-3},
-            "elasticzo": {"lr": 1e-3, "eps": 1e-3, "lr_bp": 0.05}}
+            "elasticzo": {"lr": 1e-3, "eps": 1e-3, "lr_bp": 0.05},
+            "elasticzo-int8": {"lr": 1e-3, "eps": 1e-3, "lr_bp": 0.05}}
 """Image-task defaults by method where ``--lr``/``--eps``/``--lr-bp`` are not given."""
 
 

@@ -373,6 +373,30 @@ class EngineConfig:
     # so a resumed run may switch.
     defer_update: bool = setting(True, "fuse each update into the next perturbation "
                                  "(2 parameter sweeps per step)", resume=FREE)
+    # Engines give bitwise equal runs (tests/test_offload.py), so a resumed run may switch.
+    name: str = setting("in-memory", "where parameters live: in-memory, or offload (stream blocks "
+                        "from host memory or disk, for models larger than the device)", flat="engine",
+                        resume=FREE, choices=lambda: tuple(e for e in _engines() if e != "reference"),
+                        added=True)
+    offload_to: str = setting("cpu", "offload tier (--engine offload): cpu memory or disk "
+                              "(--offload-dir)", resume=FREE, choices=("cpu", "disk"), added=True)
+    offload_dir: str | None = setting(None, "directory of the disk tier (--offload-to disk)",
+                                      resume=FREE, default_text="none", added=True)
+    resident_blocks: int = setting(0, "blocks kept resident, never offloaded (--engine offload)",
+                                   resume=FREE, added=True)
+
+    def engine_options(self) -> dict:
+        """The ZOOptimizer arguments of this section beyond ``defer_update``."""
+        if self.name != "offload":
+            return {}
+        return {"engine": "offload", "offload_to": self.offload_to, "offload_dir": self.offload_dir,
+                "resident_blocks": self.resident_blocks}
+
+
+def _engines():
+    from ..engines import ENGINES
+
+    return ENGINES
 
 
 @component
@@ -456,6 +480,8 @@ class TrainConfig:
         d.data_dir = _absolute(d.data_dir) if d.data_dir else d.data_dir
         d.task_file = _absolute(d.task_file) if d.task_file else d.task_file
         cfg.run.output_dir = _absolute(cfg.run.output_dir)
+        if cfg.engine.offload_dir:
+            cfg.engine.offload_dir = _absolute(cfg.engine.offload_dir)
         if m.name.lower() not in EMBEDDED and os.path.isdir(os.path.expanduser(m.name)):
             m.name = _absolute(m.name)
         return cfg
@@ -482,6 +508,11 @@ class TrainConfig:
             if leaf.checked and value is not None and value not in leaf.choices:
                 raise ZotuneError(f"unknown {leaf.flat} {value!r}; valid: "
                                   f"{', '.join(map(str, leaf.choices))}")
+        e = self.engine
+        if e.name == "offload" and e.offload_to == "disk" and not e.offload_dir:
+            raise ZotuneError("--offload-to disk needs --offload-dir DIR")
+        if not (isinstance(e.resident_blocks, int) and e.resident_blocks >= 0):
+            raise ZotuneError(f"resident_blocks must be an integer >= 0, got {e.resident_blocks!r}")
         if method.num_probes is not None and not _positive_int(method.num_probes):
             raise ZotuneError(f"num_probes must be an integer >= 1, got {method.num_probes!r}")
         for name, value in (("steps", run.steps), ("batch_size", data.batch_size),

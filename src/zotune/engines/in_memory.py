@@ -312,8 +312,13 @@ class InMemoryEngine:
             return out.copy_(values), sign
         return draw(self.direction, key, t.tensor_id, c, position, out)
 
-    def _move_chunk(self, ti: int, ci: int, point: Terms, update: Update | None) -> float:
+    def _move_chunk(self, ti: int, ci: int, point: Terms, update: Update | None,
+                    current: Terms | None = None, target: torch.Tensor | None = None) -> float:
+        """Move one chunk from ``current`` (default: the engine's) to ``point`` after ``update``,
+        in place in the parameter or (``target``, tensors without a master) in a copy of it."""
         t = self.tensors[ti]
+        if current is None:
+            current = self.current
         s, e = t.chunks[ci]
         n = e - s
         zo = t.role == "zo"
@@ -330,11 +335,11 @@ class InMemoryEngine:
         tid = t.tensor_id
         grad_terms = tuple((k, coef_at(c, tid)) for k, c in update.grad.terms) if keyed and zo else ()
         point = tuple((k, coef_at(a, tid)) for k, a in point) if zo else ()
-        current = tuple((k, coef_at(a, tid)) for k, a in self.current) if zo else ()
+        current = tuple((k, coef_at(a, tid)) for k, a in current) if zo else ()
         if t.master is not None:
             return self._move_chunk_master(t, ci, point, update, decay, fused, lr, grad_terms, coupled)
 
-        x = t.flat[s:e]
+        x = t.flat[s:e] if target is None else target
         zbuf, gbuf = self._buffers(n, x.dtype, x.device)
         drawn = 0.0
         if coupled and current:  # the L2 term needs the unperturbed x: restore it first

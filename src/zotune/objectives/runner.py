@@ -17,6 +17,7 @@ the call; no modeling code is copied.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import inspect
 import math
 from dataclasses import dataclass
@@ -53,6 +54,34 @@ def length_buckets(lengths: list[int], overhead: float) -> list[list[int]]:
         groups.append(order[cut[end]:end])
         end = cut[end]
     return groups[::-1]
+
+
+@dataclass(frozen=True)
+class ModelCall:
+    """One model call as :meth:`ModelRunner.call` makes it: the runner and the model's keyword
+    arguments (``input_ids``, ``attention_mask``, ``position_ids``, ``logits_to_keep``, ...)."""
+
+    runner: "ModelRunner"
+    kwargs: dict
+
+
+_INTERCEPT: contextvars.ContextVar = contextvars.ContextVar("zotune_model_call", default=None)
+
+
+@contextlib.contextmanager
+def intercept_calls(fn):
+    """Within the ``with`` block, every :meth:`ModelRunner.call` hands its :class:`ModelCall` to
+    ``fn`` and uses what ``fn`` returns as the model's logits, instead of calling the model.
+
+    This is the seam a streaming engine drives an objective through (``engines/offload.py``): it
+    runs the objective once to learn its calls, computes their logits block by block for every
+    point of a plan, and runs the objective again per point with those logits. The objective's own
+    code (encoding, losses) runs unchanged."""
+    token = _INTERCEPT.set(fn)
+    try:
+        yield
+    finally:
+        _INTERCEPT.reset(token)
 
 
 @dataclass(frozen=True)
@@ -178,7 +207,8 @@ class ModelRunner:
         self.sequences_run += len(input_ids)
         for seen, _, _ in self._recorders:
             seen.clear()
-        logits = self.model(**kwargs).logits
+        hook = _INTERCEPT.get()
+        logits = self.model(**kwargs).logits if hook is None else hook(ModelCall(self, kwargs))
         for seen, records, block in self._recorders:
             records += [BlockInput(block, h, attention_mask, position_ids) for h in seen]
         return logits if keep is None else logits[:, -keep:]
