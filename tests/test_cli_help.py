@@ -36,7 +36,7 @@ def test_every_flag_has_help_and_one_default(command):
     subparser(command).format_help()  # renders (no stray % in a help text)
 
 
-from zotune.image_methods import TRAINERS  # noqa: E402 (the image tasks' methods, issue 11)
+from zotune.image_trainers import TRAINERS  # noqa: E402 (the image tasks' methods, issue 11)
 from zotune.steps.elastic import TAIL_GRADS  # noqa: E402
 from zotune.tasks.images import IMAGE_TASKS  # noqa: E402
 

@@ -64,7 +64,6 @@ def setting(default, help: str, *, resume=FIXED, flat: str | None = None, choice
 # The registries the choices come from, read when they are needed (the help, validate), so that
 # importing the config does not import the library.
 def _methods() -> tuple:
-    from ..image_methods import register  # noqa: F401 (registers the float image methods)
     from ..image_trainers import TRAINERS  # the image tasks' methods (backprop, ...) too
     from ..optim import METHODS
     return tuple(METHODS) + tuple(m for m in TRAINERS if m not in METHODS)
