@@ -15,7 +15,9 @@ from . import rng
 from .directions import make_direction
 from .engines import ENGINES
 from .estimators import FZOO, SPSA, KernelSPSA
+from .estimators.rank import RankEstimator
 from .steps import ConservativeStep, EstimateStep, ProjectionStep, StepCore
+from .steps.rank import RankStep
 from .updates import UPDATES, ClipTensorNorm
 from .updates.schedules import check_schedule
 
@@ -37,6 +39,7 @@ METHODS: dict[str, dict] = {
     "pezo": {"update": "sgd", "direction": "pezo-pool"},
     "fzoo": {"update": "sgd", "direction": "rademacher", "fzoo": {"scale": "paper", "std_ddof": 1}},
     "fzoo-code": {"update": "sgd", "direction": "rademacher", "fzoo": {"scale": "code", "std_ddof": 0}},
+    "ranksgd": {"update": "sgd", "program": "rank", "rank": {}},
 }
 """Named methods (presets of estimator, direction, update rule, step program and projection).
 MeZO and ZO-Bench's ZO-SGD are the same algorithm (Zhang et al., 2024). ``kerzoo``: KerZOO's
@@ -46,9 +49,13 @@ scale, per-tensor clipping at 4e5, look-ahead acceleration). ``dizo``/``dizo-fo`
 DiZO's layer-wise projection, searched by ZO or by backprop. ``pezo``: MeZO with PeZO's
 pre-generated uniform pool, carried-over offset, adaptive scaling. ``fzoo``/``fzoo-code``: FZOO's
 8 one-sided Rademacher probes normalised by the std of the perturbed losses, as the paper writes it
-(1/eps in the step, sample std) and as its code runs it (no 1/eps, population std)."""
+(1/eps in the step, sample std) and as its code runs it (no 1/eps, population std).
+``ranksgd``: ZO-RankSGD, from a ranking of m points x + eps xi (eps is the smoothing radius mu;
+the ``rank`` options: m, k, legacy, mode, line_search, gamma, momentum, decay); see
+:class:`zotune.ranking.RankSGD`."""
 
-PROGRAMS = {"estimate": EstimateStep, "conservative": ConservativeStep}
+PROGRAMS = {"estimate": EstimateStep, "conservative": ConservativeStep, "rank": RankStep}
+RANK_ESTIMATOR_OPTIONS = ("m", "k", "legacy")
 STATE_FREE = ("sgd", "sign")
 LOW_PRECISION_PROBES = ("exclude", "keep")
 PROBE_COVERAGE_THRESHOLD = 0.5
@@ -59,7 +66,7 @@ differences measure nothing and its update would be a random walk (docs/design.m
 OPTIONS = ("seed", "direction", "num_probes", "one_sided", "momentum", "betas", "adam_eps", "schedule",
            "warmup_steps", "total_steps", "defer_update", "estimator", "update", "kernel", "projection",
            "clip_norm", "transforms", "chunk_size", "master_weights", "threads", "engine", "rng_device",
-           "low_precision_probes", "coupled_decay", "model")
+           "low_precision_probes", "coupled_decay", "model", "rank")
 
 
 def decays(name: str, param, named: bool) -> bool:
@@ -96,6 +103,19 @@ def make_estimator(spec: dict, eps: float, num_probes: int | None, one_sided: bo
         return KernelSPSA(eps, **options)
     except TypeError as err:
         raise ValueError(f"bad kernel options {sorted(options)}: {err}") from None
+
+
+def make_rank(spec: dict, eps: float, rank: dict | None):
+    """ZO-RankSGD's estimator and step program from the ``rank`` options (or None, None)."""
+    if rank is None and "rank" not in spec:
+        return None, None
+    options = {**spec.get("rank", {}), **(rank or {})}
+    own = {k: options.pop(k) for k in RANK_ESTIMATOR_OPTIONS if k in options}
+    try:
+        return RankEstimator(eps, **own), RankStep(**options)
+    except TypeError as err:
+        raise ValueError(f"bad rank options {sorted(own) + sorted(options)}: {err}; valid: "
+                         "m, k, legacy, mode, line_search, gamma, momentum, momentum_tol, decay") from None
 
 
 def make_projection(spec: dict, projection):
@@ -150,7 +170,8 @@ def build(entries, *, eps: float, method: str, group_lrs, group_weight_decays, s
           total_steps=None, defer_update: bool = False, estimator=None, update=None, kernel=None,
           projection=None, clip_norm=None, transforms=(), chunk_size: int = rng.DEFAULT_CHUNK_SIZE,
           master_weights="auto", threads=None, engine="in-memory", rng_device=None,
-          low_precision_probes: str = "exclude", coupled_decay: bool = False, model=None) -> StepCore:
+          low_precision_probes: str = "exclude", coupled_decay: bool = False, model=None,
+          rank=None) -> StepCore:
     """Assemble a step core from ``(name, tensor, group, decays)`` entries and the options of
     :class:`~zotune.optim.ZOOptimizer` (which documents them). With ``model``, its block table
     decides weight decay (norms and biases exempt) and DiZO's attention targets."""
@@ -162,11 +183,12 @@ def build(entries, *, eps: float, method: str, group_lrs, group_weight_decays, s
     check_schedule(schedule, warmup_steps, total_steps)
     spec = METHODS[method]
     direction = make_direction(direction or spec.get("direction", "gaussian"))
+    rank_estimator, program = make_rank(spec, eps, rank)
     if estimator is None:
-        estimator = make_estimator(spec, eps, num_probes, one_sided, kernel)
+        estimator = rank_estimator or make_estimator(spec, eps, num_probes, one_sided, kernel)
     rule = (make_rule(update or spec["update"], momentum, betas, adam_eps)
             if update is None or isinstance(update, str) else update)
-    program = PROGRAMS[spec.get("program", "estimate")]()
+    program = program or PROGRAMS[spec.get("program", "estimate")]()
     if isinstance(program, ConservativeStep) and getattr(rule, "name", None) not in STATE_FREE:
         raise ValueError(f"zo-cons compares theta -+ lr g before applying one of them, which needs a "
                          f"state-free update rule ({', '.join(STATE_FREE)}); got {rule.name!r}")
@@ -205,4 +227,6 @@ def build(entries, *, eps: float, method: str, group_lrs, group_weight_decays, s
                     schedule=(schedule, warmup_steps, total_steps), defer_update=defer_update,
                     coupled_decay=coupled_decay)
     core.method, core.clip_norm, core.excluded, core.projection = method, clip_norm, excluded, proj
+    if hasattr(program, "check"):
+        program.check(core)
     return core
