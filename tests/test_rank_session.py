@@ -105,7 +105,11 @@ def test_restart_resumes_the_same_round_and_continues_bitwise(tmp_path):
     for r, order in enumerate(answers[2:], start=2):
         second.submit({"round": r, "order": order})
     assert torch.equal(x3, x)
-    assert second.view() == whole.view()
+
+    def timeless(view):  # the history's wall-clock stamps differ between the two runs
+        return {**view, "history": [{k: v for k, v in h.items() if k != "time"} for h in view["history"]]}
+
+    assert timeless(second.view()) == timeless(whole.view())
     assert [h["ranking"] for h in second.history] == [h["ranking"] for h in whole.history]
 
 

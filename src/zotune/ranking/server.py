@@ -30,6 +30,8 @@ from pathlib import Path
 
 from zotune.errors import ZotuneError
 
+from zotune.steps.rank import MODES
+
 from .session import RankingSession, SubmissionError
 
 TOKEN_FILE = "token"
@@ -161,6 +163,7 @@ class ServeSettings:
     k: int = 2
     lr: float = 0.05
     mu: float = 0.01
+    mode: str = "plain"
     seed: int = 0
     prompts_per_round: int = 2
     max_new_tokens: int = 32
@@ -175,6 +178,8 @@ class ServeSettings:
             raise ZotuneError(f"--k must be in 1..m={self.m}, got {self.k}")
         if self.prompts_per_round < 1:
             raise ZotuneError(f"--prompts-per-round must be >= 1, got {self.prompts_per_round}")
+        if self.mode not in MODES:
+            raise ZotuneError(f"--mode must be one of: {', '.join(MODES)}; got {self.mode!r}")
         if self.trainable not in ("lora", "full"):
             raise ZotuneError(f"--trainable must be one of: lora, full; got {self.trainable!r}")
 
@@ -220,7 +225,7 @@ def _rank_sgd(named, settings: ServeSettings):
     import zotune
 
     return zotune.RankSGD(named, lr=settings.lr, mu=settings.mu, m=settings.m, k=settings.k,
-                          seed=settings.seed)
+                          mode=settings.mode, seed=settings.seed)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -232,6 +237,8 @@ SERVE_FLAGS = {  # flag -> (type, help); defaults come from ServeSettings (or th
     "k": (int, "how many of them the person ranks, best first"),
     "lr": (float, "RankSGD step size"),
     "mu": (float, "smoothing radius: candidates are x + mu xi"),
+    "mode": (str, "plain (a step per round), line-search or human (the authors' loop: gradient "
+                  "rounds averaged until a search round, pick-the-best, accepts a move)"),
     "seed": (int, "seed of the directions, display orders and decoding"),
     "prompts_per_round": (int, "prompts each candidate completes in a round"),
     "max_new_tokens": (int, "tokens per completion"),

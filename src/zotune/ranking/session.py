@@ -34,7 +34,8 @@ from typing import Callable
 import torch
 
 from zotune.errors import ZotuneError
-from zotune.rng import mix
+
+from .oracles import Display, to_candidates
 
 STATE = "state.pt"
 HISTORY = "history.json"
@@ -59,9 +60,9 @@ def label(position: int, m: int) -> str:
 
 
 def display_order(seed: int, round_number: int, m: int) -> list[int]:
-    """The round's permutation: ``order[position] = candidate id``, a pure function of the seed."""
-    gen = torch.Generator().manual_seed(mix(seed, round_number, 0x5D15))
-    return torch.randperm(m, generator=gen).tolist()
+    """The round's permutation: ``order[position] = candidate id``, a pure function of
+    ``(seed, round)`` (:class:`zotune.ranking.Display`)."""
+    return list(Display(m, seed=seed, round=round_number).order)
 
 
 def atomic_save(obj, path: Path, *, text: bool = False) -> None:
@@ -143,7 +144,9 @@ class RankingSession:
         self.shown = {"round": self.round, "prompts": list(self.prompts(self.round)),
                       "texts": texts, "order": display_order(self.seed, self.round, m),
                       "current": self.render_current(self.round),
-                      "k": int(getattr(query, "k", None) or self.k)}
+                      "k": int(getattr(query, "k", None) or self.k),
+                      "purpose": str(getattr(query, "purpose", "gradient")),
+                      "opt_round": getattr(query, "round", None)}
 
     def view(self) -> dict:
         """What the page shows: the round, the candidates in display order (position, label,
@@ -152,7 +155,8 @@ class RankingSession:
         m = len(shown["order"])
         candidates = [{"position": p, "label": label(p, m), "texts": shown["texts"][cid]}
                       for p, cid in enumerate(shown["order"])]
-        return {"round": shown["round"], "m": m, "k": shown["k"], "prompts": shown["prompts"],
+        return {"round": shown["round"], "m": m, "k": shown["k"], "purpose": shown["purpose"],
+                "prompts": shown["prompts"],
                 "candidates": candidates, "current": shown["current"],
                 "history": self.history[::-1]}
 
@@ -187,7 +191,7 @@ class RankingSession:
             what = "fewer" if len(order) < k else "more"
             raise SubmissionError(f"ranked {len(order)} candidate(s), {what} than the {k} this round "
                                   f"asks for: pick the best {k}, best first")
-        return [shown["order"][p] for p in order]
+        return list(to_candidates(shown["order"], order))
 
     def submit(self, payload) -> dict:
         """Apply a valid submission: tell the optimizer, show the next round, save; return the new
@@ -196,17 +200,22 @@ class RankingSession:
         ids = self.check(payload)
         shown = self.shown
         before = {n: p.detach().clone() for n, p in self.params.items()}
+        moves = getattr(self.opt, "moves", None)
         try:
-            self.opt.tell(ranking=ids)
+            if shown.get("opt_round") is None:
+                self.opt.tell(ranking=ids)
+            else:  # the optimizer refuses an answer for any round but its pending one
+                self.opt.tell(ranking=ids, round=shown["opt_round"])
             if hasattr(self.opt, "flush"):
                 self.opt.flush()
             moved = math.sqrt(sum(float((p.detach() - before[n]).double().pow(2).sum())
                                   for n, p in self.params.items()))
             m = len(shown["order"])
             self.history.append({
-                "round": shown["round"], "ranking": ids,
-                "labels": [label(shown["order"].index(i), m) for i in ids],
-                "moved": moved, "accepted": moved > 0, "time": _now()})
+                "round": shown["round"], "purpose": shown["purpose"], "ranking": ids,
+                "labels": [label(shown["order"].index(i), m) for i in ids], "moved": moved,
+                "accepted": moved > 0 if moves is None else self.opt.moves > moves,
+                "time": _now()})
             self.round += 1
             self._show_next()
             self.save()
