@@ -87,6 +87,12 @@ def test_reward_oracle_ranks_the_candidates_by_their_completions(reward_model_di
         assert list(ranking) == top_k(means, 3)
         assert len(set(oracle.last_rewards)) > 1  # the candidates do differ
     opt.tell(ranking=ranking)
+    # As an oracle of opt.step: a line-search step asks a gradient round (top 3), then a search
+    # round (the best one of the step sizes and x); the oracle answers both.
+    searching = zotune.RankSGD(params, lr=0.3, mu=0.3, m=5, k=3, seed=1, mode="line-search", line_search=2)
+    oracle = RewardOracle(letters, complete, PROMPTS[:1], k=3)
+    searching.step(oracle)
+    assert searching.rounds == 2 and oracle.round == 2 and len(oracle.last_rewards) == 3
 
 
 def test_alignment_from_rankings_raises_the_reward():

@@ -142,4 +142,5 @@ class RewardOracle:
             self.last_rewards.append(value)
             self.last_texts.append(texts)
         self.round += 1
-        return top_k(self.last_rewards, min(k or self.k, len(query)))
+        wanted = k or getattr(query, "k", None) or self.k  # a search round wants only the best
+        return top_k(self.last_rewards, min(wanted, len(query)))
