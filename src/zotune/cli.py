@@ -231,7 +231,7 @@ def parser() -> argparse.ArgumentParser:
     top = _Parser(prog="zotune", description="Zeroth-order fine-tuning from forward passes.")
     top.add_argument("--version", action="version", version=f"zotune {__version__}",
                      help="print the version and exit")
-    sub = top.add_subparsers(dest="command", required=True, metavar="{train,eval,list}")
+    sub = top.add_subparsers(dest="command", required=True, metavar="{train,eval,list,rank}")
     p = sub.add_parser("train", help="fine-tune a model on a task",
                        description="Fine-tune a model on a task with a zeroth-order method; writes "
                        "config.json, metrics.jsonl, summary.json, curves.png, best/ and checkpoints/ "
@@ -270,6 +270,9 @@ def parser() -> argparse.ArgumentParser:
                        description="List the embedded models, tasks, methods, directions, "
                        "trainable schemes and objectives.")
     p.set_defaults(func=cmd_list)
+    from .ranking.cli import add_parser as add_rank_parser
+
+    add_rank_parser(sub)
     return top
 
 
