@@ -271,6 +271,7 @@ def parser() -> argparse.ArgumentParser:
                        "trainable schemes and objectives.")
     p.set_defaults(func=cmd_list)
     from .ranking.cli import add_parser as add_rank_parser
+
     add_rank_parser(sub)
     return top
 

@@ -115,7 +115,7 @@ def make_rank(spec: dict, eps: float, rank: dict | None):
         return RankEstimator(eps, **own), RankStep(**options)
     except TypeError as err:
         raise ValueError(f"bad rank options {sorted(own) + sorted(options)}: {err}; valid: "
-                         "m, k, legacy, mode, line_search, gamma, momentum, momentum_tol, decay") from None
+                         "m, k, legacy, mode, line_search, gamma, momentum, momentum_tol, decay, adaptive") from None
 
 
 def make_projection(spec: dict, projection):

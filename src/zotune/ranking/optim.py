@@ -124,6 +124,8 @@ class RankSGD(ZOOptimizer):
         mode: ``plain``, ``line-search`` (A.5) or ``human`` (the authors' loop).
         line_search: step sizes per search round (default 5; ``human``: m - 2); gamma: their ratio.
         momentum: heavy-ball beta over keys; decay: per-step factor on eta.
+        adaptive: re-centre the search grid on the chosen step after every search round (not in
+            the paper; a fixed grid stalls once all its steps are too long).
         legacy: the authors' code's weights (m - 2r) and extra factor mu.
         seed: run seed (keys of every xi). **options: any other :class:`ZOOptimizer` option
             (``direction``, ``update``, ``schedule``, ``engine``, ...).
@@ -135,12 +137,12 @@ class RankSGD(ZOOptimizer):
     def __init__(self, params, lr: float = 0.05, mu: float = 0.01, m: int = 10, k: int | None = None, *,
                  mode: str = "plain", line_search: int | None = None, gamma: float = 0.5,
                  momentum: float = 0.0, momentum_tol: float = 1e-6, decay: float = 1.0,
-                 legacy: bool = False, seed: int = 0, weight_decay: float = 0.0, **options) -> None:
+                 adaptive: bool = False, legacy: bool = False, seed: int = 0, weight_decay: float = 0.0, **options) -> None:
         params, model = _param_groups(params)
         if model is not None:
             options.setdefault("model", model)
         rank = {"m": m, "k": k, "legacy": legacy, "mode": mode, "line_search": line_search,
-                "gamma": gamma, "momentum": momentum, "momentum_tol": momentum_tol, "decay": decay}
+                "gamma": gamma, "momentum": momentum, "momentum_tol": momentum_tol, "decay": decay, "adaptive": adaptive}
         super().__init__(params, lr=lr, eps=mu, method="ranksgd", weight_decay=weight_decay, seed=seed,
                          rank=rank, **options)
 

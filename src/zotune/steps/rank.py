@@ -59,12 +59,15 @@ class RankStep:
         momentum: heavy-ball beta over keys (0 = none; not with ``human``, which averages).
         momentum_tol: momentum terms whose weight beta^age falls below this are dropped.
         decay: per-step factor on the step size (1 = none).
+        adaptive: re-centre the search grid on the chosen step size after each search round
+            (a departure from the paper, whose grid is fixed: see ``adapt``).
     """
 
     name = "rank"
 
     def __init__(self, mode: str = "plain", line_search: int | None = None, gamma: float = 0.5,
-                 momentum: float = 0.0, momentum_tol: float = 1e-6, decay: float = 1.0) -> None:
+                 momentum: float = 0.0, momentum_tol: float = 1e-6, decay: float = 1.0,
+                 adaptive: bool = False) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown RankSGD mode {mode!r}; valid modes: {', '.join(MODES)}")
         if line_search is not None and (isinstance(line_search, bool) or int(line_search) != line_search
@@ -84,6 +87,9 @@ class RankStep:
             raise ValueError(f"decay must be in (0, 1], got {decay!r}")
         self.mode, self.gamma, self.momentum = mode, float(gamma), float(momentum)
         self.momentum_tol, self.decay = float(momentum_tol), float(decay)
+        if adaptive and mode == "plain":
+            raise ValueError("adaptive re-centres a search grid: it needs mode 'line-search' or 'human'")
+        self.adaptive, self.scale, self.factor = bool(adaptive), 1.0, 1.0
         self.line_search = None if line_search is None else int(line_search)
         self.step, self.phase, self.skipped, self.result = 0, "idle", False, math.nan
         self.rounds = self.moves = 0
@@ -98,7 +104,8 @@ class RankStep:
     # ---------------------------------------------------------- settings
     def settings(self) -> dict:
         return {"mode": self.mode, "line_search": self.line_search, "gamma": self.gamma,
-                "momentum": self.momentum, "momentum_tol": self.momentum_tol, "decay": self.decay}
+                "momentum": self.momentum, "momentum_tol": self.momentum_tol, "decay": self.decay,
+                "adaptive": self.adaptive}
 
     def search_size(self, core) -> int:
         if self.line_search is not None:
@@ -162,8 +169,15 @@ class RankStep:
         lrs = set(core.make_update(ZOGrad(()), self.step).lr)
         if len(lrs) != 1:
             raise ValueError(f"RankSGD mode {self.mode!r} needs one learning rate for all parameter groups")
-        return lrs.pop() * self.decay ** self.step
+        self.factor = self.decay ** self.step * self.scale
+        return lrs.pop() * self.factor
 
+    def adapt(self, chosen: int, l: int) -> None:
+        """Re-centre the grid: a fixed grid eta gamma^j stalls once every step it tries is too
+        long (on a quadratic, near the optimum) or too short. The chosen index moves to the
+        middle, (l - 1) // 2; choosing x counts as index l (every trial was too long)."""
+        if self.adaptive:
+            self.scale *= self.gamma ** (min(chosen, l) - (l - 1) // 2)
     def _with_momentum(self, grad: ZOGrad) -> ZOGrad:
         if not self.momentum:
             return grad
@@ -224,13 +238,14 @@ class RankStep:
         if isinstance(given, Losses):
             self.result = given.values[best]
         self.chosen, self.phase, l = best, "done", self.search_size(core)
+        self.adapt(best if best < l or best == plan.num_points - 1 else (l - 1) // 2, l)  # for the next
         if best == plan.num_points - 1:  # x itself: stay (human mode keeps averaging)
             core.engine.flush()
             return
         if best < l:
-            # the point was x - eta_t gamma^j v with eta_t = lr lambda(t) decay^t; the update's
-            # lr is lr lambda(t)
-            grad = ZOGrad(self.terms).scaled(self.decay ** self.step * self.gamma ** best)
+            # the point was x - eta_t gamma^j v with eta_t = lr lambda(t) factor (decay^t times
+            # the adaptive scale when the search began); the update's lr is lr lambda(t)
+            grad = ZOGrad(self.terms).scaled(self.factor * self.gamma ** best)
             update = core.make_update(grad, self.step)
         else:  # human: the best perturbed point x + mu xi_best, applied as x - 1 * (-mu xi_best)
             groups = len(core.group_lrs())
@@ -253,6 +268,7 @@ class RankStep:
         return {"settings": self.settings(), "step": self.step, "phase": self.phase,
                 "skipped": self.skipped, "result": self.result, "rounds": self.rounds,
                 "moves": self.moves, "terms": _terms_state(self.terms), "eta": self.eta,
+                "scale": self.scale, "factor": self.factor,
                 "mean": _terms_state(self.mean), "count": self.count, "best_key": self.best_key,
                 "velocity": [list(v) for v in self.velocity], "chosen": self.chosen}
 
@@ -264,6 +280,7 @@ class RankStep:
         self.step, self.phase, self.skipped = state["step"], state["phase"], state["skipped"]
         self.result, self.rounds, self.moves = state["result"], state["rounds"], state["moves"]
         self.terms, self.eta = _terms_load(state["terms"]), state["eta"]
+        self.scale, self.factor = state["scale"], state["factor"]
         self.mean, self.count = _terms_load(state["mean"]), state["count"]
         self.best_key = None if state["best_key"] is None else int(state["best_key"])
         self.velocity = [[int(k), float(c), int(a)] for k, c, a in state["velocity"]]
