@@ -23,6 +23,7 @@ one the session resumes from).
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import math
@@ -80,23 +81,15 @@ def atomic_save(obj, path: Path, *, text: bool = False) -> None:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
-        with _suppress():
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    with _suppress():  # not every filesystem lets a directory be opened for fsync
+    with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened for fsync
         dfd = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(dfd)
         finally:
             os.close(dfd)
-
-
-class _suppress:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, value, tb):
-        return kind is not None and issubclass(kind, OSError)
 
 
 def _now() -> str:
