@@ -235,7 +235,8 @@ def test_flipped_comparisons_still_decrease_the_quadratic():
 # ------------------------------------------------------- API and resume
 
 MODES = [dict(), dict(mode="line-search", lr=0.5), dict(mode="human", lr=0.5), dict(momentum=0.5, decay=0.98),
-         dict(legacy=True, lr=5.0), dict(k=3, mode="line-search", momentum=0.3, lr=0.5)]
+         dict(legacy=True, lr=5.0), dict(k=3, mode="line-search", momentum=0.3, lr=0.5),
+         dict(mode="line-search", adaptive=True, lr=0.5), dict(mode="human", adaptive=True, decay=0.9, lr=0.5)]
 
 
 @pytest.mark.parametrize("options", MODES, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()) or "plain")
@@ -270,6 +271,27 @@ def test_checkpoint_between_ask_and_tell_resumes_exactly(options, stop_in):
     while opt.steps_taken < 6:
         opt.step(ByValue(f))
     assert torch.equal(x, straight)
+
+
+def test_adaptive_grid_recentres_on_the_chosen_step():
+    """The chosen index moves to the middle of the grid (j = 2 of 5); choosing x counts as j = 5.
+    Each move is the evaluated point x - lr scale gamma^j v, scale from before the re-centring."""
+    x, f = quadratic(d=10, seed=9)
+    opt = zotune.RankSGD([x], lr=0.4, mu=0.01, m=4, mode="line-search", line_search=5, adaptive=True)
+    program, scale = opt.core.program, 1.0
+    for chosen, next_scale in [(0, 4.0), (2, 4.0), (4, 1.0), (5, 0.125)]:
+        before = x.clone()
+        opt.ask()
+        opt.tell(ranking=[0, 1, 2, 3])
+        search = opt.ask()
+        v = torch.tensor([c for _, c in program.terms], dtype=F64) @ xis_of(opt, search.plan.keys)
+        opt.tell(ranking=[chosen])
+        moved = 0.0 if chosen == 5 else 0.4 * scale * 0.5 ** chosen
+        torch.testing.assert_close(x, before - moved * v, rtol=0, atol=1e-14)
+        assert program.scale == next_scale
+        scale = next_scale
+    with pytest.raises(ValueError, match="adaptive re-centres a search grid"):
+        zotune.RankSGD([torch.zeros(3)], adaptive=True)
 
 
 def test_bad_answers_are_refused_and_change_nothing():
