@@ -166,6 +166,17 @@ def test_ranking_page_end_to_end(tmp_path):
         assert digest(out / "state.pt") == before
         assert not list(out.glob(".*.tmp"))
 
+        # Dragging a card onto a ranked one (the page's drop handler; Selenium cannot fire native
+        # drag events): B onto C takes C's rank, then A onto B swaps them.
+        driver.find_element(By.ID, "clear").click()
+        for name in ("C", "A"):
+            driver.find_element(By.ID, f"cand-{name}").click()
+        choice = lambda: driver.find_element(By.ID, "choice").text  # noqa: E731
+        driver.execute_script("dropOn(1, 2)")
+        assert choice().startswith("Your ranking: B > A")
+        driver.execute_script("dropOn(0, 1)")
+        assert choice().startswith("Your ranking: A > B")
+
         # Round 0 by clicking: the history names the candidate ids behind the clicked cards.
         driver.find_element(By.ID, "clear").click()
         rank_by_clicking(["C", "A"])
