@@ -45,7 +45,7 @@ def main() -> int:
     with open(log, "w") as out:
         server = subprocess.Popen([sys.executable, "-m", "zotune.cli", "rank", "serve", "--task", str(task),
                                    "--model", args.model, "--output-dir", str(work / "session"),
-                                   "--m", "4", "--k", "2", "--mu", "0.01", "--max-new-tokens", "28",
+                                   "--m", "4", "--k", "2", "--lr", "0.05", "--mu", "0.01", "--max-new-tokens", "28",
                                    "--prompts-per-round", "2"], stdout=out, stderr=subprocess.STDOUT,
                                   env=env, stdin=subprocess.DEVNULL)
     driver = None
