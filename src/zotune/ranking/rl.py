@@ -25,7 +25,6 @@ episodes.
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -179,12 +178,10 @@ def train(cfg: RLConfig, log=None) -> dict:
         opt = RankSGD([w], lr=cfg.lr, mu=cfg.mu, m=cfg.m, k=cfg.k, mode=cfg.mode, seed=cfg.seed)
         view = w.numpy()  # shares memory: the engine's moves show through
         while runner.episodes < cfg.episodes:
-            maybe_eval(view.copy(), {"train_return": None})
-            returns: list[float] = []
-            while True:
+            maybe_eval(view.copy(), {})
+            while True:  # a gradient round, then (line-search mode) a search round
                 query = opt.ask()
                 got = query.evaluate(lambda: runner.train_episode(view))
-                returns += got
                 order = sorted(range(len(got)), key=lambda i: (-got[i], i))[:query.k]
                 opt.tell(ranking=order)
                 if opt.core.idle:
@@ -256,6 +253,3 @@ def write_run(out: Path, cfg: RLConfig, curve: list[dict], summary: dict, weight
     plt.close(fig)
     (out / "curves.tmp.png").replace(out / "curves.png")
 
-
-def finite_or_none(v: float) -> float | None:
-    return v if math.isfinite(v) else None
