@@ -239,7 +239,7 @@ def parser() -> argparse.ArgumentParser:
     top = _Parser(prog="zotune", description="Zeroth-order fine-tuning from forward passes.")
     top.add_argument("--version", action="version", version=f"zotune {__version__}",
                      help="print the version and exit")
-    sub = top.add_subparsers(dest="command", required=True, metavar="{train,eval,list,plan}")
+    sub = top.add_subparsers(dest="command", required=True, metavar="{train,eval,list,plan,rank}")
     p = sub.add_parser("train", help="fine-tune a model on a task",
                        description="Fine-tune a model on a task with a zeroth-order method; writes "
                        "config.json, metrics.jsonl, summary.json, curves.png, best/ and checkpoints/ "
@@ -281,6 +281,10 @@ def parser() -> argparse.ArgumentParser:
     from .distributed.plan_cli import add_parser as add_plan_parser  # the cost model of --parallel
 
     add_plan_parser(sub)
+
+    from .ranking.cli import add_parser as add_rank_parser
+
+    add_rank_parser(sub)
     return top
 
 

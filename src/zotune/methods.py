@@ -15,7 +15,9 @@ from . import rng
 from .directions import make_direction
 from .engines import ENGINES
 from .estimators import FZOO, SPSA, KernelSPSA
+from .estimators.rank import RankEstimator
 from .steps import ConservativeStep, ElasticStep, EstimateStep, ProjectionStep, StepCore
+from .steps.rank import RankStep
 from .updates import UPDATES, ClipTensorNorm
 from .updates.schedules import check_schedule
 
@@ -38,6 +40,7 @@ METHODS: dict[str, dict] = {
     "fzoo": {"update": "sgd", "direction": "rademacher", "fzoo": {"scale": "paper", "std_ddof": 1}},
     "fzoo-code": {"update": "sgd", "direction": "rademacher", "fzoo": {"scale": "code", "std_ddof": 0}},
     "elasticzo": {"update": "sgd", "program": "elastic", "bp_layers": 1},
+    "ranksgd": {"update": "sgd", "program": "rank", "rank": {}},
 }
 """Named methods (presets of estimator, direction, update rule, step program and projection).
 MeZO and ZO-Bench's ZO-SGD are the same algorithm (Zhang et al., 2024). ``kerzoo``: KerZOO's
@@ -51,9 +54,14 @@ pre-generated uniform pool, carried-over offset, adaptive scaling. ``fzoo``/``fz
 ``elasticzo``: MeZO for the head and backprop (SGD, ``lr_bp``) for the last ``bp_layers``
 parametrised layers (default 1) or the modules named in ``tail``, from the same two forwards
 (Sugiura and Matsutani, 2025; ``steps/elastic.py``). Any method takes ``bp_layers``/``tail``:
-its own estimator, direction and rule then drive the head."""
+its own estimator, direction and rule then drive the head.
+``ranksgd``: ZO-RankSGD, from a ranking of m points x + eps xi (eps is the smoothing radius mu;
+the ``rank`` options: m, k, legacy, mode, line_search, gamma, momentum, decay); see
+:class:`zotune.ranking.RankSGD`."""
 
-PROGRAMS = {"estimate": EstimateStep, "conservative": ConservativeStep, "elastic": ElasticStep}
+PROGRAMS = {"estimate": EstimateStep, "conservative": ConservativeStep, "elastic": ElasticStep,
+            "rank": RankStep}
+RANK_ESTIMATOR_OPTIONS = ("m", "k", "legacy")
 STATE_FREE = ("sgd", "sign")
 LOW_PRECISION_PROBES = ("exclude", "keep")
 PROBE_COVERAGE_THRESHOLD = 0.5
@@ -67,7 +75,8 @@ OPTIONS = ("seed", "direction", "num_probes", "one_sided", "momentum", "betas", 
            "warmup_steps", "total_steps", "defer_update", "estimator", "update", "kernel", "projection",
            "clip_norm", "transforms", "chunk_size", "master_weights", "threads", "engine", "rng_device",
            "low_precision_probes", "coupled_decay", "model", "bp_layers", "tail", "tail_grad", "lr_bp",
-           "tail_update", "tail_momentum", "tail_weight_decay", "parallel", *OFFLOAD_OPTIONS)
+           "tail_update", "tail_momentum", "tail_weight_decay", "rank", "parallel",
+           *OFFLOAD_OPTIONS)
 
 
 def decays(name: str, param, named: bool) -> bool:
@@ -104,6 +113,19 @@ def make_estimator(spec: dict, eps: float, num_probes: int | None, one_sided: bo
         return KernelSPSA(eps, **options)
     except TypeError as err:
         raise ValueError(f"bad kernel options {sorted(options)}: {err}") from None
+
+
+def make_rank(spec: dict, eps: float, rank: dict | None):
+    """ZO-RankSGD's estimator and step program from the ``rank`` options (or None, None)."""
+    if rank is None and "rank" not in spec:
+        return None, None
+    options = {**spec.get("rank", {}), **(rank or {})}
+    own = {k: options.pop(k) for k in RANK_ESTIMATOR_OPTIONS if k in options}
+    try:
+        return RankEstimator(eps, **own), RankStep(**options)
+    except TypeError as err:
+        raise ValueError(f"bad rank options {sorted(own) + sorted(options)}: {err}; valid: "
+                         "m, k, legacy, mode, line_search, gamma, momentum, momentum_tol, decay, adaptive") from None
 
 
 def make_projection(spec: dict, projection):
@@ -169,7 +191,8 @@ def build(entries, *, eps: float, method: str, group_lrs, group_weight_decays, s
           master_weights="auto", threads=None, engine="in-memory", rng_device=None,
           low_precision_probes: str = "exclude", coupled_decay: bool = False, model=None,
           bp_layers=None, tail=None, tail_grad: str = "avg", lr_bp: float = 1e-2, tail_update: str = "sgd",
-          tail_momentum: float = 0.9, tail_weight_decay: float = 0.0, parallel=None, **engine_options) -> StepCore:
+          tail_momentum: float = 0.9, tail_weight_decay: float = 0.0, rank=None,
+          parallel=None, **engine_options) -> StepCore:
     """Assemble a step core from ``(name, tensor, group, decays)`` entries and the options of
     :class:`~zotune.optim.ZOOptimizer` (which documents them). With ``model``, its block table
     decides weight decay (norms and biases exempt) and DiZO's attention targets.
@@ -186,8 +209,9 @@ def build(entries, *, eps: float, method: str, group_lrs, group_weight_decays, s
     check_schedule(schedule, warmup_steps, total_steps)
     spec = METHODS[method]
     direction = make_direction(direction or spec.get("direction", "gaussian"))
+    rank_estimator, program = make_rank(spec, eps, rank)
     if estimator is None:
-        estimator = make_estimator(spec, eps, num_probes, one_sided, kernel)
+        estimator = rank_estimator or make_estimator(spec, eps, num_probes, one_sided, kernel)
     rule = (make_rule(update or spec["update"], momentum, betas, adam_eps)
             if update is None or isinstance(update, str) else update)
     if bp_layers is None and tail is None:
@@ -204,7 +228,7 @@ def build(entries, *, eps: float, method: str, group_lrs, group_weight_decays, s
         program = ElasticStep(make_rule(tail_update, tail_momentum, betas, adam_eps), lr_bp,
                               tail_weight_decay, tail_grad)
     else:
-        program = PROGRAMS[spec.get("program", "estimate")]()
+        program = program or PROGRAMS[spec.get("program", "estimate")]()
     if isinstance(program, ConservativeStep) and getattr(rule, "name", None) not in STATE_FREE:
         raise ValueError(f"zo-cons compares theta -+ lr g before applying one of them, which needs a "
                          f"state-free update rule ({', '.join(STATE_FREE)}); got {rule.name!r}")
@@ -255,4 +279,6 @@ def build(entries, *, eps: float, method: str, group_lrs, group_weight_decays, s
                     schedule=(schedule, warmup_steps, total_steps), defer_update=defer_update,
                     coupled_decay=coupled_decay)
     core.method, core.clip_norm, core.excluded, core.projection = method, clip_norm, excluded, proj
+    if hasattr(program, "check"):
+        program.check(core)
     return core

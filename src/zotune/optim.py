@@ -78,7 +78,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         for gi, group in enumerate(self.param_groups):
             names = group.get("param_names")
             for i, p in enumerate(group["params"]):
-                if p.requires_grad:
+                if self._trainable(p):
                     name = names[i] if names else f"group{gi}.param{i}"
                     entries.append((name, p, gi, decays(name, p, names is not None)))
                     self._params.append(p)
@@ -91,6 +91,11 @@ class ZOOptimizer(torch.optim.Optimizer):
             self.state[p] = buffers  # torch.optim's view of the rule state
         # Optional (step, iteration) -> closure(s) for search batches; default: the step's own.
         self.search_closures: Callable[[int, int], Closure | Sequence[Closure]] | None = None
+
+    @staticmethod
+    def _trainable(p: torch.Tensor) -> bool:
+        """Which tensors of the param groups are trained (subclasses may widen it)."""
+        return p.requires_grad
 
     def __getattr__(self, name: str):
         if name in _FROM_CORE:
