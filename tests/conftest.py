@@ -6,6 +6,17 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """Put torch's thread count back after each test: a forward's round-off depends on it, so a
+    test that sets it would change the bitwise references of the tests after it."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     """The benchmark data: $ZOTUNE_DATA, else ../shared/data beside the repository."""

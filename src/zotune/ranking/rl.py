@@ -157,7 +157,15 @@ def check_config(cfg: RLConfig) -> None:
 def train(cfg: RLConfig, log=None) -> dict:
     """Run one method; returns the summary (and writes the run directory when one is given)."""
     check_config(cfg)
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # rollouts of a linear policy: threads only add overhead
+    try:
+        return _train(cfg, log)
+    finally:
+        torch.set_num_threads(threads)  # the caller's setting, as it was
+
+
+def _train(cfg: RLConfig, log) -> dict:
     runner = Runner(cfg)
     shape = (runner.act_dim, runner.obs_dim)
     curve: list[dict] = []
