@@ -14,8 +14,9 @@ import warnings
 from . import rng
 from .directions import make_direction
 from .engines import ENGINES
-from .estimators import FZOO, SPSA, KernelSPSA
-from .steps import ConservativeStep, ElasticStep, EstimateStep, ProjectionStep, StepCore
+from .estimators import CGE, FZOO, SPSA, KernelSPSA
+from .estimators.cge import always_estimated
+from .steps import ConservativeStep, CoordinateStep, ElasticStep, EstimateStep, ProjectionStep, StepCore
 from .updates import UPDATES, ClipTensorNorm
 from .updates.schedules import check_schedule
 
@@ -38,6 +39,10 @@ METHODS: dict[str, dict] = {
     "fzoo": {"update": "sgd", "direction": "rademacher", "fzoo": {"scale": "paper", "std_ddof": 1}},
     "fzoo-code": {"update": "sgd", "direction": "rademacher", "fzoo": {"scale": "code", "std_ddof": 0}},
     "elasticzo": {"update": "sgd", "program": "elastic", "bp_layers": 1},
+    "cge": {"update": "sgd", "program": "coordinate", "cge": {}},
+    "deepzero": {"update": "momentum", "program": "coordinate", "cge": {"sparsity": 0.9},
+                 "coupled_decay": True},
+    "rge": {"update": "sgd", "one_sided": True},
 }
 """Named methods (presets of estimator, direction, update rule, step program and projection).
 MeZO and ZO-Bench's ZO-SGD are the same algorithm (Zhang et al., 2024). ``kerzoo``: KerZOO's
@@ -51,9 +56,15 @@ pre-generated uniform pool, carried-over offset, adaptive scaling. ``fzoo``/``fz
 ``elasticzo``: MeZO for the head and backprop (SGD, ``lr_bp``) for the last ``bp_layers``
 parametrised layers (default 1) or the modules named in ``tail``, from the same two forwards
 (Sugiura and Matsutani, 2025; ``steps/elastic.py``). Any method takes ``bp_layers``/``tail``:
-its own estimator, direction and rule then drive the head."""
+its own estimator, direction and rule then drive the head. ``cge``: DeepZero's coordinate-wise
+forward differences (d + 1 queries; ``sparsity`` for sparse CGE over random per-tensor masks,
+BatchNorm parameters and the head's bias always estimated; ``steps/coordinate.py``).
+``deepzero``: sparse CGE at 90% sparsity with SGD momentum 0.9 and coupled weight decay (Chen et
+al., 2024; uniform ratios until ZO-GraSP lands). ``rge``: DeepZero's RGE, forward differences
+along ``num_probes`` Gaussian directions (``direction="sphere"`` where registered) against one
+base query (q + 1 queries)."""
 
-PROGRAMS = {"estimate": EstimateStep, "conservative": ConservativeStep, "elastic": ElasticStep}
+PROGRAMS = {"coordinate": CoordinateStep, "estimate": EstimateStep, "conservative": ConservativeStep, "elastic": ElasticStep}
 STATE_FREE = ("sgd", "sign")
 LOW_PRECISION_PROBES = ("exclude", "keep")
 PROBE_COVERAGE_THRESHOLD = 0.5
@@ -67,7 +78,7 @@ OPTIONS = ("seed", "direction", "num_probes", "one_sided", "momentum", "betas", 
            "warmup_steps", "total_steps", "defer_update", "estimator", "update", "kernel", "projection",
            "clip_norm", "transforms", "chunk_size", "master_weights", "threads", "engine", "rng_device",
            "low_precision_probes", "coupled_decay", "model", "bp_layers", "tail", "tail_grad", "lr_bp",
-           "tail_update", "tail_momentum", "tail_weight_decay", *OFFLOAD_OPTIONS)
+           "tail_update", "tail_momentum", "tail_weight_decay", "sparsity", *OFFLOAD_OPTIONS)
 
 
 def decays(name: str, param, named: bool) -> bool:
@@ -89,8 +100,16 @@ def check_options(options: dict) -> None:
                                 f"; valid options: {', '.join(OPTIONS)}"))
 
 
-def make_estimator(spec: dict, eps: float, num_probes: int | None, one_sided: bool, kernel: dict | None):
+def make_estimator(spec: dict, eps: float, num_probes: int | None, one_sided: bool, kernel: dict | None,
+                   sparsity=None, always=None):
     """The method's estimator; kernel options (``kernel=``) turn any method into a kernel one."""
+    if "cge" in spec:
+        options = dict(spec["cge"])
+        if sparsity is not None:
+            options["sparsity"] = sparsity
+        return CGE(eps, always=always, **options)
+    if sparsity is not None:
+        raise ValueError("sparsity applies to the coordinate-wise methods (cge, deepzero) only")
     if "fzoo" in spec and kernel is None:
         return FZOO(eps, num_probes or 8, **spec["fzoo"])
     if kernel is None and "kernel" not in spec:
@@ -169,7 +188,8 @@ def build(entries, *, eps: float, method: str, group_lrs, group_weight_decays, s
           master_weights="auto", threads=None, engine="in-memory", rng_device=None,
           low_precision_probes: str = "exclude", coupled_decay: bool = False, model=None,
           bp_layers=None, tail=None, tail_grad: str = "avg", lr_bp: float = 1e-2, tail_update: str = "sgd",
-          tail_momentum: float = 0.9, tail_weight_decay: float = 0.0, **engine_options) -> StepCore:
+          tail_momentum: float = 0.9, tail_weight_decay: float = 0.0, sparsity=None,
+          **engine_options) -> StepCore:
     """Assemble a step core from ``(name, tensor, group, decays)`` entries and the options of
     :class:`~zotune.optim.ZOOptimizer` (which documents them). With ``model``, its block table
     decides weight decay (norms and biases exempt) and DiZO's attention targets.
@@ -186,8 +206,13 @@ def build(entries, *, eps: float, method: str, group_lrs, group_weight_decays, s
     check_schedule(schedule, warmup_steps, total_steps)
     spec = METHODS[method]
     direction = make_direction(direction or spec.get("direction", "gaussian"))
+    one_sided = bool(one_sided or spec.get("one_sided", False))
+    coupled_decay = bool(coupled_decay or spec.get("coupled_decay", False))
     if estimator is None:
-        estimator = make_estimator(spec, eps, num_probes, one_sided, kernel)
+        always = None
+        if "cge" in spec and model is not None:
+            always = always_estimated(model)
+        estimator = make_estimator(spec, eps, num_probes, one_sided, kernel, sparsity, always)
     rule = (make_rule(update or spec["update"], momentum, betas, adam_eps)
             if update is None or isinstance(update, str) else update)
     if bp_layers is None and tail is None:
