@@ -135,3 +135,30 @@ def test_bad_sparsity_is_refused(bad):
 def test_sparsity_needs_a_coordinate_method():
     with pytest.raises(ValueError, match="sparsity applies"):
         ZOOptimizer(mlp(0), method="mezo", sparsity=0.5)
+
+
+def test_cli_trains_cge_deepzero_and_rge_on_a_small_cnn(tmp_path, capsys):
+    import json
+
+    from test_images import write_fashion_mnist
+    from zotune import cli
+
+    write_fashion_mnist(tmp_path / "data")
+    # CGE is d + 1 = 407 forwards a step: two steps each (one epoch is 6), RGE for the whole epoch
+    runs = (("cge", ("--steps", "2")), ("deepzero", ("--sparsity", "0.8", "--steps", "2")),
+            ("rge", ("--num-probes", "4", "--epochs", "1")))
+    for method, extra in runs:
+        out = tmp_path / method
+        args = ["train", "--task", "fashion-mnist", "--model", "cnn-730", "--data-dir", str(tmp_path / "data"),
+                "--batch-size", "16", "--output-dir", str(out), "--quiet", "--method", method,
+                "--eval-every", "100", *extra]
+        assert cli.main(args) == 0
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["status"] == "completed" and summary["method"] == method
+        assert summary["steps"] == (6 if method == "rge" else 2)
+    capsys.readouterr()
+    bad = ["train", "--task", "fashion-mnist", "--model", "cnn-730", "--data-dir", str(tmp_path / "data"),
+           "--output-dir", str(tmp_path / "bad"), "--quiet", "--method", "cge", "--sparsity", "1.5", "--steps", "1"]
+    assert cli.main(bad) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "sparsity must be in [0, 1)" in err, err

@@ -1,4 +1,5 @@
-"""The float image-classifier trainers: first-order backprop, MeZO, ElasticZO (``image_trainers``).
+"""The float image-classifier trainers: first-order backprop, MeZO, ElasticZO, DeepZero's CGE/RGE
+(``image_trainers``).
 
 Each wraps a model and its optimizer(s) as an :class:`~zotune.image_trainers.ImageTrainer`;
 the ZO ones are :class:`~zotune.optim.ZOOptimizer` s, so the recipe and a user's own loop run
@@ -63,6 +64,10 @@ class ZOTrainer:
         kw = {"seed": int(options.get("seed") or 0), "weight_decay": options.get("weight_decay") or 0.0}
         if options.get("direction"):
             kw["direction"] = options["direction"]
+        if options.get("sparsity") is not None:  # sparse CGE (cge, deepzero)
+            kw["sparsity"] = options["sparsity"]
+        if options.get("num_probes"):  # rge's q
+            kw["num_probes"] = options["num_probes"]
         if method == "elasticzo":
             momentum = options.get("momentum") or 0.0
             kw.update(bp_layers=int(options.get("bp_layers") if options.get("bp_layers") is not None else 1),
@@ -94,6 +99,8 @@ class ZOTrainer:
 register("backprop", BackpropTrainer)
 register("mezo", lambda model, options: ZOTrainer(model, options, "mezo"))
 register("elasticzo", lambda model, options: ZOTrainer(model, options, "elasticzo"))
+for _name in ("cge", "deepzero", "rge"):  # DeepZero's estimators (estimators/cge.py, methods.py)
+    register(_name, lambda model, options, _name=_name: ZOTrainer(model, options, _name))
 
 
 def _elasticzo_int8(model: nn.Module, options: dict):
