@@ -162,3 +162,60 @@ def test_cli_trains_cge_deepzero_and_rge_on_a_small_cnn(tmp_path, capsys):
     assert cli.main(bad) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "sparsity must be in [0, 1)" in err, err
+
+
+def _cnn(seed):
+    from zotune.models.vision import small_cnn
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return small_cnn(num_classes=4, in_channels=1, widths=(3, 3))
+
+
+@pytest.mark.parametrize("method,extra", [("cge", {}), ("deepzero", {"sparsity": 0.5, "weight_decay": 5e-4})])
+def test_feature_reuse_is_bitwise_plain_cge_with_batchnorm_in_train_mode(method, extra):
+    from zotune.models.reuse import ChainLoss
+    from zotune.models.vision import OnePassStatistics
+
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(8, 1, 8, 8, generator=g), torch.randint(0, 4, (8,), generator=g)
+    runs = []
+    for reuse in (False, True):
+        model = _cnn(0).train()
+        stats = OnePassStatistics(model)
+        opt = ZOOptimizer(model, lr=0.05, method=method, eps=5e-3, **extra)
+        losses, forwards = [], 0
+        for _ in range(2):
+            if reuse:
+                objective = ChainLoss(model, x, y)
+                losses.append(opt.step(stats.wrap(objective)))
+                forwards += objective.block_forwards
+            else:
+                losses.append(opt.step(stats.wrap(lambda: torch.nn.functional.cross_entropy(model(x), y))))
+        runs.append((losses, [t.clone() for t in model.state_dict().values()], forwards))
+    (la, sa, _), (lb, sb, fb) = runs
+    assert la == lb
+    assert all(torch.equal(a, b) for a, b in zip(sa, sb))  # parameters and BN running statistics
+    blocks = len(list(_cnn(0).children()))
+    assert fb < 0.8 * blocks * opt.forward_passes  # the reuse really skipped blocks
+
+
+def test_chain_loss_restarts_at_the_first_changed_block_and_needs_a_chain():
+    from zotune.errors import ZotuneError
+    from zotune.models.reuse import ChainLoss
+
+    model = _cnn(1).eval()
+    x, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
+    loss = ChainLoss(model, x, y)
+    with torch.no_grad():
+        full = float(loss())
+        head = model[2][2].weight
+        head.view(-1)[0] += 0.1
+        moved = float(loss())
+        expect = float(torch.nn.functional.cross_entropy(model(x), y))
+        head.view(-1)[0] -= 0.1
+        model[1][0].weight.view(-1)[3] += 0.1
+        float(loss())
+    assert loss.restarts == [0, 2, 1] and moved == expect and full != moved
+    with pytest.raises(ZotuneError, match="chain model"):
+        ChainLoss(torch.nn.Linear(2, 2), x, y)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .image_trainers import TRAINERS, register  # noqa: F401 (TRAINERS: the registry)
+from .models.reuse import ChainLoss
 from .models.vision import OnePassStatistics
 from .optim import ZOOptimizer
 
@@ -75,9 +76,12 @@ class ZOTrainer:
                       tail_update="momentum" if momentum else "sgd", tail_momentum=momentum or 0.9,
                       tail_weight_decay=options.get("weight_decay") or 0.0)
         self.opt = ZOOptimizer(model, lr=options["lr"], eps=options["eps"], method=method, **kw)
+        self.reuse = method in ("cge", "deepzero") and isinstance(model, nn.Sequential)
 
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
         self.model.train()
+        if self.reuse:  # coordinate methods: restart each forward at the perturbed block (exact)
+            return float(self.opt.step(self.stats.wrap(ChainLoss(self.model, images, labels))))
         return float(self.opt.step(self.stats.wrap(lambda: F.cross_entropy(self.model(images), labels))))
 
     @torch.no_grad()
