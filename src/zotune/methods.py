@@ -61,8 +61,8 @@ forward differences (d + 1 queries; ``sparsity`` for sparse CGE over random per-
 BatchNorm parameters and the head's bias always estimated; ``steps/coordinate.py``).
 ``deepzero``: sparse CGE at 90% sparsity with SGD momentum 0.9 and coupled weight decay (Chen et
 al., 2024; uniform ratios until ZO-GraSP lands). ``rge``: DeepZero's RGE, forward differences
-along ``num_probes`` Gaussian directions (``direction="sphere"`` where registered) against one
-base query (q + 1 queries)."""
+along ``num_probes`` Gaussian directions against one base query (q + 1 queries; the unit-sphere
+form and ZO-GraSP's per-tensor normalised mode are not implemented yet)."""
 
 PROGRAMS = {"coordinate": CoordinateStep, "estimate": EstimateStep, "conservative": ConservativeStep, "elastic": ElasticStep}
 STATE_FREE = ("sgd", "sign")
