@@ -219,3 +219,36 @@ def test_chain_loss_restarts_at_the_first_changed_block_and_needs_a_chain():
     assert loss.restarts == [0, 2, 1] and moved == expect and full != moved
     with pytest.raises(ZotuneError, match="chain model"):
         ChainLoss(torch.nn.Linear(2, 2), x, y)
+
+
+def test_a_cge_step_stopped_between_ask_and_tell_resumes_bitwise():
+    from zotune.feedback import Losses
+
+    x, y = classification_batch(6)
+
+    @torch.no_grad()
+    def answer(opt, model, query):
+        return Losses(opt.evaluate(query, mlp_loss(model, x, y)))
+
+    model = mlp(4)
+    opt = ZOOptimizer(model, lr=0.1, method="deepzero", eps=5e-3, sparsity=0.5)
+    for _ in range(2):
+        opt.step(mlp_loss(model, x, y))
+    straight = [p.detach().clone() for p in model.parameters()]
+
+    model = mlp(4)
+    opt = ZOOptimizer(model, lr=0.1, method="deepzero", eps=5e-3, sparsity=0.5)
+    opt.step(mlp_loss(model, x, y))
+    for _ in range(7):  # part of the second step, stopped after an ask (a coordinate is moved)
+        opt.tell(answer(opt, model, opt.ask()))
+    query = opt.ask()
+    saved_model = {k: v.clone() for k, v in model.state_dict().items()}
+    saved_opt = opt.state_dict()
+
+    model2 = mlp(0)
+    model2.load_state_dict(saved_model)
+    opt2 = ZOOptimizer(model2, lr=0.1, method="deepzero", eps=5e-3, sparsity=0.5)
+    opt2.load_state_dict(saved_opt)
+    while (query := opt2.ask()) is not None:
+        opt2.tell(answer(opt2, model2, query))
+    assert all(torch.equal(a, b.detach()) for a, b in zip(straight, model2.parameters()))
