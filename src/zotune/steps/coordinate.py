@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from ..feedback import CURRENT, Losses, Query, as_kind
+from ..feedback import CURRENT, Query, as_kind
 
 
 class CoordinateStep:
