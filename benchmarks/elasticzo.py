@@ -12,7 +12,8 @@ Methods: ``backprop`` (SGD), ``mezo`` (ZO-SGD on every layer), ``elasticzo`` wit
 layers. ElasticZO-INT8 joins with the same splits as soon as ``elasticzo-int8`` is registered in
 ``zotune.image_trainers.TRAINERS`` (see :data:`INT8`).
 
-    python benchmarks/elasticzo.py --data-dir ../shared/data --steps 3000 --seeds 0 1
+    python benchmarks/elasticzo.py --data-dir ../shared/data --steps 2000 --seeds 0 1 --eval-every 400 \
+        --finetune --finetune-steps 400          # the run in docs/benchmarks.md (28 min, loaded)
 
 Writes ``docs/elasticzo_fmnist.png`` and ``docs/elasticzo_results.json`` and prints a markdown
 table. Optionally ``--finetune``: pretrain with backprop on classes 0-4, then adapt every method

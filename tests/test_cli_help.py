@@ -28,7 +28,7 @@ def helps(name: str) -> dict[str, str]:
             for a in parser._actions if a.option_strings}
 
 
-@pytest.mark.parametrize("command", ["train", "eval"])
+@pytest.mark.parametrize("command", ["train", "eval", "plan"])
 def test_every_flag_has_help_and_one_default(command):
     for flag, text in helps(command).items():
         assert text.strip(), f"{command} {flag} has no help"
@@ -36,7 +36,7 @@ def test_every_flag_has_help_and_one_default(command):
     subparser(command).format_help()  # renders (no stray % in a help text)
 
 
-from zotune.image_methods import TRAINERS  # noqa: E402 (the image tasks' methods, issue 11)
+from zotune.image_trainers import TRAINERS  # noqa: E402 (the image tasks' methods, issue 11)
 from zotune.steps.elastic import TAIL_GRADS  # noqa: E402
 from zotune.tasks.images import IMAGE_TASKS  # noqa: E402
 

@@ -15,13 +15,15 @@ import zotune
 from zotune.directions import DIRECTIONS, Pooled, make_direction
 from zotune.engines import ENGINES
 from zotune.estimators import FZOO, SPSA, KernelSPSA
+from zotune.estimators.rank import RankEstimator
 
 ESTIMATORS = {"spsa": lambda: SPSA(1e-3), "spsa-2": lambda: SPSA(1e-3, num_probes=2),
               "spsa-one-sided": lambda: SPSA(1e-3, one_sided=True),
               "kernel-3": lambda: KernelSPSA(1e-3, order=3, num_probes=2),
               "kernel-code": lambda: KernelSPSA(1e-3, num_probes=3, schedule="linear", shrink_steps=400,
                                                 r_sharing="tensor", normalization="code"),
-              "fzoo": lambda: FZOO(1e-3, num_probes=4, std_ddof=0, scale="code")}
+              "fzoo": lambda: FZOO(1e-3, num_probes=4, std_ddof=0, scale="code"),
+              "rank": lambda: RankEstimator(1e-3, m=6, k=3)}
 # Step sizes from a sweep over {0.001 ... 0.1}: each gives a worst-case final/initial loss ratio
 # of 0.4-0.55 across all directions and estimators, well inside the 0.7 asserted below.
 LR = {"sgd": 0.03, "momentum": 0.003, "adam": 0.1, "sign": 0.1, "agd": 0.03, "zo-cons": 0.03}

@@ -9,7 +9,7 @@ import zotune
 from zotune.feedback import Edges, Losses, Query, Ranking
 from zotune.plan import ZOGrad
 
-from helpers import classification_batch, mlp, mlp_loss
+from helpers import classification_batch, fill_, mlp, mlp_loss
 
 
 def make(method="mezo", **kw):
@@ -183,7 +183,9 @@ def test_schedule_matches_transformers_step_for_step(kind):
 def test_applied_learning_rate_is_the_scheduled_one():
     """The update itself (not only current_lr) uses lambda(t): on a linear loss the change of the
     weight is -lr * lambda(t) * c * z, with c and z known."""
-    model = torch.nn.Linear(3, 1, bias=False)
+    # seeded: under the global generator's state 15 of 400 initialisations leave a float32
+    # round-trip residue just above the tolerance at lambda = 0 (the test then depended on the order)
+    model = fill_(torch.nn.Linear(3, 1, bias=False), seed=0)
     opt = zotune.ZOOptimizer(model.named_parameters(), lr=0.1, schedule="linear", warmup_steps=2,
                              total_steps=5, seed=1)
     factors = []

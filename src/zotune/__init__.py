@@ -7,10 +7,11 @@ from .feedback import Edges, Losses, Query, Ranking
 from .layout import ParamLayout
 from .optim import METHODS, ZOOptimizer
 from .plan import DenseGrad, ProbePlan, SparseGrad, ZOGrad
+from .ranking import RankSGD
 
 __version__ = "0.1.0"
 
 __all__ = ["ZOOptimizer", "METHODS", "SPSA", "ProbePlan", "ZOGrad", "SparseGrad", "DenseGrad",
            "Losses", "Ranking", "Edges", "Query", "ParamLayout", "ENGINES", "InMemoryEngine",
            "ReferenceEngine", "Gaussian", "Pooled", "Rademacher", "Uniform", "make_direction",
-           "ZotuneError", "__version__"]
+           "ZotuneError", "RankSGD", "__version__"]

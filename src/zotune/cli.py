@@ -6,6 +6,7 @@
     zotune train --output-dir runs/sst2 --resume      # continue exactly where it stopped
     zotune eval  --task sst2 --checkpoint runs/sst2
     zotune list
+    zotune plan  --model opt-175b --gpus 8 --nvlink    # the distributed cost model's table
 
 Every user mistake ends with one line ``zotune: error: ...`` and exit code 2 (set ZOTUNE_DEBUG=1
 for the traceback); Ctrl-C (exit 130) and SIGTERM (exit 143) save a checkpoint after the current
@@ -150,6 +151,8 @@ def cmd_train(args) -> int:
     from .train import train
 
     summary = train(train_config(args), resume=args.resume, progress=not args.quiet)
+    if summary is None:  # a rank other than 0 of a distributed run: rank 0 reports
+        return 0
     print(json.dumps({k: summary[k] for k in ("task", "status", "zero_shot", "best_dev", "best_step",
                                               "test", "steps", "wall_time_s")}))
     return 0
@@ -236,7 +239,7 @@ def parser() -> argparse.ArgumentParser:
     top = _Parser(prog="zotune", description="Zeroth-order fine-tuning from forward passes.")
     top.add_argument("--version", action="version", version=f"zotune {__version__}",
                      help="print the version and exit")
-    sub = top.add_subparsers(dest="command", required=True, metavar="{train,eval,list}")
+    sub = top.add_subparsers(dest="command", required=True, metavar="{train,eval,list,plan,rank}")
     p = sub.add_parser("train", help="fine-tune a model on a task",
                        description="Fine-tune a model on a task with a zeroth-order method; writes "
                        "config.json, metrics.jsonl, summary.json, curves.png, best/ and checkpoints/ "
@@ -275,6 +278,13 @@ def parser() -> argparse.ArgumentParser:
                        description="List the embedded models, tasks, methods, directions, "
                        "trainable schemes and objectives.")
     p.set_defaults(func=cmd_list)
+    from .distributed.plan_cli import add_parser as add_plan_parser  # the cost model of --parallel
+
+    add_plan_parser(sub)
+
+    from .ranking.cli import add_parser as add_rank_parser
+
+    add_rank_parser(sub)
     return top
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .image_trainers import TRAINERS, register  # noqa: F401 (TRAINERS: the registry)
+from .image_trainers import register
 from .models.reuse import ChainLoss
 from .models.vision import OnePassStatistics
 from .optim import ZOOptimizer

@@ -12,6 +12,7 @@ float (ElasticZO-INT8, ``zotune.quant``) implements the same four methods on its
 from __future__ import annotations
 
 from collections.abc import Callable
+from importlib import import_module
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -59,4 +60,4 @@ def build_trainer(method: str, model: nn.Module, options: dict) -> ImageTrainer:
     return builder(model, dict(options))
 
 
-from . import image_methods  # noqa: E402,F401  (registers backprop, mezo, elasticzo; after TRAINERS exists)
+import_module(".image_methods", __package__)  # registers backprop, mezo, elasticzo (needs TRAINERS)

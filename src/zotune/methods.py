@@ -16,7 +16,9 @@ from .directions import make_direction
 from .engines import ENGINES
 from .estimators import CGE, FZOO, SPSA, KernelSPSA
 from .estimators.cge import always_estimated
+from .estimators.rank import RankEstimator
 from .steps import ConservativeStep, CoordinateStep, ElasticStep, EstimateStep, ProjectionStep, StepCore
+from .steps.rank import RankStep
 from .updates import UPDATES, ClipTensorNorm
 from .updates.schedules import check_schedule
 
@@ -39,6 +41,7 @@ METHODS: dict[str, dict] = {
     "fzoo": {"update": "sgd", "direction": "rademacher", "fzoo": {"scale": "paper", "std_ddof": 1}},
     "fzoo-code": {"update": "sgd", "direction": "rademacher", "fzoo": {"scale": "code", "std_ddof": 0}},
     "elasticzo": {"update": "sgd", "program": "elastic", "bp_layers": 1},
+    "ranksgd": {"update": "sgd", "program": "rank", "rank": {}},
     "cge": {"update": "sgd", "program": "coordinate", "cge": {}},
     "deepzero": {"update": "momentum", "program": "coordinate", "cge": {"sparsity": 0.9},
                  "coupled_decay": True},
@@ -56,7 +59,10 @@ pre-generated uniform pool, carried-over offset, adaptive scaling. ``fzoo``/``fz
 ``elasticzo``: MeZO for the head and backprop (SGD, ``lr_bp``) for the last ``bp_layers``
 parametrised layers (default 1) or the modules named in ``tail``, from the same two forwards
 (Sugiura and Matsutani, 2025; ``steps/elastic.py``). Any method takes ``bp_layers``/``tail``:
-its own estimator, direction and rule then drive the head. ``cge``: DeepZero's coordinate-wise
+its own estimator, direction and rule then drive the head.
+``ranksgd``: ZO-RankSGD, from a ranking of m points x + eps xi (eps is the smoothing radius mu;
+the ``rank`` options: m, k, legacy, mode, line_search, gamma, momentum, decay); see
+:class:`zotune.ranking.RankSGD`. ``cge``: DeepZero's coordinate-wise
 forward differences (d + 1 queries; ``sparsity`` for sparse CGE over random per-tensor masks,
 BatchNorm parameters and the head's bias always estimated; ``steps/coordinate.py``).
 ``deepzero``: sparse CGE at 90% sparsity with SGD momentum 0.9 and coupled weight decay (Chen et
@@ -64,7 +70,9 @@ al., 2024; uniform ratios until ZO-GraSP lands). ``rge``: DeepZero's RGE, forwar
 along ``num_probes`` Gaussian directions against one base query (q + 1 queries; the unit-sphere
 form and ZO-GraSP's per-tensor normalised mode are not implemented yet)."""
 
-PROGRAMS = {"coordinate": CoordinateStep, "estimate": EstimateStep, "conservative": ConservativeStep, "elastic": ElasticStep}
+PROGRAMS = {"estimate": EstimateStep, "conservative": ConservativeStep, "elastic": ElasticStep,
+            "rank": RankStep, "coordinate": CoordinateStep}
+RANK_ESTIMATOR_OPTIONS = ("m", "k", "legacy")
 STATE_FREE = ("sgd", "sign")
 LOW_PRECISION_PROBES = ("exclude", "keep")
 PROBE_COVERAGE_THRESHOLD = 0.5
@@ -78,7 +86,8 @@ OPTIONS = ("seed", "direction", "num_probes", "one_sided", "momentum", "betas", 
            "warmup_steps", "total_steps", "defer_update", "estimator", "update", "kernel", "projection",
            "clip_norm", "transforms", "chunk_size", "master_weights", "threads", "engine", "rng_device",
            "low_precision_probes", "coupled_decay", "model", "bp_layers", "tail", "tail_grad", "lr_bp",
-           "tail_update", "tail_momentum", "tail_weight_decay", "sparsity", *OFFLOAD_OPTIONS)
+           "tail_update", "tail_momentum", "tail_weight_decay", "rank", "parallel", "sparsity",
+           *OFFLOAD_OPTIONS)
 
 
 def decays(name: str, param, named: bool) -> bool:
@@ -123,6 +132,19 @@ def make_estimator(spec: dict, eps: float, num_probes: int | None, one_sided: bo
         return KernelSPSA(eps, **options)
     except TypeError as err:
         raise ValueError(f"bad kernel options {sorted(options)}: {err}") from None
+
+
+def make_rank(spec: dict, eps: float, rank: dict | None):
+    """ZO-RankSGD's estimator and step program from the ``rank`` options (or None, None)."""
+    if rank is None and "rank" not in spec:
+        return None, None
+    options = {**spec.get("rank", {}), **(rank or {})}
+    own = {k: options.pop(k) for k in RANK_ESTIMATOR_OPTIONS if k in options}
+    try:
+        return RankEstimator(eps, **own), RankStep(**options)
+    except TypeError as err:
+        raise ValueError(f"bad rank options {sorted(own) + sorted(options)}: {err}; valid: "
+                         "m, k, legacy, mode, line_search, gamma, momentum, momentum_tol, decay, adaptive") from None
 
 
 def make_projection(spec: dict, projection):
@@ -188,8 +210,8 @@ def build(entries, *, eps: float, method: str, group_lrs, group_weight_decays, s
           master_weights="auto", threads=None, engine="in-memory", rng_device=None,
           low_precision_probes: str = "exclude", coupled_decay: bool = False, model=None,
           bp_layers=None, tail=None, tail_grad: str = "avg", lr_bp: float = 1e-2, tail_update: str = "sgd",
-          tail_momentum: float = 0.9, tail_weight_decay: float = 0.0, sparsity=None,
-          **engine_options) -> StepCore:
+          tail_momentum: float = 0.9, tail_weight_decay: float = 0.0, rank=None,
+          parallel=None, sparsity=None, **engine_options) -> StepCore:
     """Assemble a step core from ``(name, tensor, group, decays)`` entries and the options of
     :class:`~zotune.optim.ZOOptimizer` (which documents them). With ``model``, its block table
     decides weight decay (norms and biases exempt) and DiZO's attention targets.
@@ -208,17 +230,20 @@ def build(entries, *, eps: float, method: str, group_lrs, group_weight_decays, s
     direction = make_direction(direction or spec.get("direction", "gaussian"))
     one_sided = bool(one_sided or spec.get("one_sided", False))
     coupled_decay = bool(coupled_decay or spec.get("coupled_decay", False))
+    rank_estimator, program = make_rank(spec, eps, rank)
     if estimator is None:
-        always = None
-        if "cge" in spec and model is not None:
-            always = always_estimated(model)
-        estimator = make_estimator(spec, eps, num_probes, one_sided, kernel, sparsity, always)
+        always = always_estimated(model) if "cge" in spec and model is not None else None
+        estimator = rank_estimator or make_estimator(spec, eps, num_probes, one_sided, kernel,
+                                                     sparsity, always)
     rule = (make_rule(update or spec["update"], momentum, betas, adam_eps)
             if update is None or isinstance(update, str) else update)
     if bp_layers is None and tail is None:
         bp_layers = spec.get("bp_layers")
     elastic = spec.get("program") == "elastic" or bp_layers is not None or tail is not None
     if elastic:
+        if parallel is not None:  # its tail gradients would need an all-reduce, not scalars
+            raise ValueError(f"{method} with a backprop tail (ElasticZO) does not run under "
+                             f"parallel={getattr(parallel, 'mode', parallel)!r} yet; drop parallel or bp_layers/tail")
         if spec.get("program", "estimate") not in ("estimate", "elastic"):
             raise ValueError(f"{method} runs the {spec['program']!r} step, which has no backprop tail; "
                              "bp_layers/tail apply to methods with the plain estimate step")
@@ -226,7 +251,7 @@ def build(entries, *, eps: float, method: str, group_lrs, group_weight_decays, s
         program = ElasticStep(make_rule(tail_update, tail_momentum, betas, adam_eps), lr_bp,
                               tail_weight_decay, tail_grad)
     else:
-        program = PROGRAMS[spec.get("program", "estimate")]()
+        program = program or PROGRAMS[spec.get("program", "estimate")]()
     if isinstance(program, ConservativeStep) and getattr(rule, "name", None) not in STATE_FREE:
         raise ValueError(f"zo-cons compares theta -+ lr g before applying one of them, which needs a "
                          f"state-free update rule ({', '.join(STATE_FREE)}); got {rule.name!r}")
@@ -251,8 +276,14 @@ def build(entries, *, eps: float, method: str, group_lrs, group_weight_decays, s
     elif engine_options:
         raise ValueError(f"{', '.join(sorted(engine_options))} apply to engine='offload' only, "
                          f"not {engine!r}")
+    if parallel is not None:  # point parallelism needs master copies (engines/distributed.py)
+        from .engines.distributed import engine_options as parallel_engine_options
+        master_weights = parallel_engine_options(parallel, master_weights)
     eng = engine_cls(entries, direction, chunk_size=chunk_size, master_weights=master_weights,
                      threads=threads, rng_device=rng_device, **engine_options)
+    if parallel is not None:  # the plan's points and the batch divided among ranks
+        from .engines.distributed import wrap
+        eng = wrap(eng, parallel, seed=seed)
     eng.layout.blocks = table
     excluded = exclude_unprobed(eng, eps) if low_precision_probes == "exclude" else []
     if excluded:
@@ -271,4 +302,6 @@ def build(entries, *, eps: float, method: str, group_lrs, group_weight_decays, s
                     schedule=(schedule, warmup_steps, total_steps), defer_update=defer_update,
                     coupled_decay=coupled_decay)
     core.method, core.clip_norm, core.excluded, core.projection = method, clip_norm, excluded, proj
+    if hasattr(program, "check"):
+        program.check(core)
     return core

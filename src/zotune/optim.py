@@ -57,7 +57,10 @@ class ZOOptimizer(torch.optim.Optimizer):
             ``offload_dir``, ``resident_blocks``, ``overlap``, ``fsync``), ``rng_device``,
             ``low_precision_probes`` (``exclude`` tensors whose bf16/fp16 probes round away, or
             ``keep``), ``bp_layers``, ``tail``, ``tail_grad``, ``lr_bp``, ``tail_update``,
-            ``tail_momentum``, ``tail_weight_decay`` (ElasticZO); see :func:`zotune.methods.build` and docs/design.md.
+            ``tail_momentum``, ``tail_weight_decay`` (ElasticZO), ``parallel`` (``ddp``, ``pertp``,
+            ``2d`` or a ``zotune.distributed.Topology``: the engine on the ranks of ``torchrun``;
+            each rank passes the closure of its own data shard; docs/distributed.md); see
+            :func:`zotune.methods.build` and docs/design.md.
     """
 
     def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, method: str = "mezo", *,
@@ -75,7 +78,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         for gi, group in enumerate(self.param_groups):
             names = group.get("param_names")
             for i, p in enumerate(group["params"]):
-                if p.requires_grad:
+                if self._trainable(p):
                     name = names[i] if names else f"group{gi}.param{i}"
                     entries.append((name, p, gi, decays(name, p, names is not None)))
                     self._params.append(p)
@@ -88,6 +91,11 @@ class ZOOptimizer(torch.optim.Optimizer):
             self.state[p] = buffers  # torch.optim's view of the rule state
         # Optional (step, iteration) -> closure(s) for search batches; default: the step's own.
         self.search_closures: Callable[[int, int], Closure | Sequence[Closure]] | None = None
+
+    @staticmethod
+    def _trainable(p: torch.Tensor) -> bool:
+        """Which tensors of the param groups are trained (subclasses may widen it)."""
+        return p.requires_grad
 
     def __getattr__(self, name: str):
         if name in _FROM_CORE:

@@ -16,6 +16,7 @@ bars and the ETA go to stderr (``progress``).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 
 from . import checkpoint, rng, run_lock, stopping
+from .distributed import run as ranks
 from . import progress as prog  # (`progress` is train()'s flag)
 from .config import DEFAULT_EPS, DEFAULT_LR, OBJECTIVES, TRAINABLE, TrainConfig, resume_conflicts
 from .errors import ZotuneError
@@ -152,6 +154,8 @@ class BatchSampler:
 
 
 def _write_json(path: Path, obj) -> None:
+    if not ranks.current().is_writer:  # one copy of every file: rank 0's
+        return
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1))
     os.replace(tmp, path)
@@ -186,20 +190,25 @@ def _one_run_per_directory(run):
     @functools.wraps(run)
     def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> dict:
         out = Path(cfg.resolved().run.output_dir)
-        report = prog.Progress(enabled=progress)
-        with stopping.handling(), prog.active(report):
-            try:
-                out.mkdir(parents=True, exist_ok=True)
-                with run_lock.hold(out, warn=report.warn):
-                    checkpoint.clean(out)
-                    return run(cfg, resume=resume, progress=progress)
-            except KeyboardInterrupt as stop:
+        with ranks.context(cfg.resolved()) as rank:  # torch.distributed, with --parallel
+            report = prog.Progress(enabled=progress and rank.is_writer)
+            with stopping.handling(), prog.active(report):
                 try:
-                    stop.checkpoint = checkpoint.latest(out)
-                except checkpoint.CheckpointError:
-                    stop.checkpoint = None
-                stop.saved = getattr(stop, "saved", False)
-                raise
+                    rank.start(cfg.resolved())
+                    out.mkdir(parents=True, exist_ok=True)
+                    with run_lock.hold(out, warn=report.warn) if rank.is_writer else contextlib.nullcontext():
+                        if rank.is_writer:
+                            checkpoint.clean(out)
+                        rank.barrier("start")  # the others read the run directory once it is clean
+                        summary = run(cfg, resume=resume, progress=progress)
+                        return summary if rank.is_writer else None
+                except KeyboardInterrupt as stop:
+                    try:
+                        stop.checkpoint = checkpoint.latest(out)
+                    except checkpoint.CheckpointError:
+                        stop.checkpoint = None
+                    stop.saved = getattr(stop, "saved", False)
+                    raise
     return train
 
 
@@ -240,9 +249,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
                           one_sided=method.one_sided, weight_decay=method.weight_decay,
                           schedule=method.schedule, warmup_steps=method.warmup_steps,
                           total_steps=r.steps, defer_update=cfg.engine.defer_update, model=model,
-                          **method.optimizer_options(), **cfg.engine.engine_options())
+                          **method.optimizer_options(), **cfg.engine.engine_options(),
+                          **ranks.current().optimizer_options())
     except ValueError as err:
         raise ZotuneError(f"method {method.name!r}: {err}") from None
+    rank = ranks.current()
+    rank.check_optimizer(opt)
     scorer.runner.device = opt.engine.device  # the one place the model is called runs where the engine says
     for name in opt.excluded:
         print(f"note: {name} is not trained: {opt.engine.layout.spec(name).reason}", file=sys.stderr)
@@ -259,7 +271,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
         state = RunState(**saved_state)
         _write_json(out / "config.json", cfg.saved())  # only now: a refused resume leaves it as it was
         _truncate_metrics(metrics_path, state.step)
-    else:
+    elif rank.is_writer:  # rank 0 evaluates; the others wait at their first step
         metrics_path.write_text("")
         for note in data.notes:
             print(f"note: {note}", file=sys.stderr)  # stdout is kept for the final JSON
@@ -305,12 +317,16 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
         state.forward_passes = opt.forward_passes
         state.random_numbers = opt.engine.numbers_drawn
         with prog.timed(report.checkpoint_time):
-            checkpoint.save(out, state.step, params, dataclasses.asdict(state), opt.state_dict(),
-                            keep=r.keep_checkpoints, share=share)
+            if rank.is_writer:  # written once, by rank 0 (every rank holds the same state)
+                checkpoint.save(out, state.step, params, dataclasses.asdict(state), opt.state_dict(),
+                                keep=r.keep_checkpoints, share=share)
         saved_at = state.step
 
     def dev_evaluation() -> None:
         opt.flush()
+        if not rank.is_writer:
+            state.eval_due = False
+            return
         prog.phase(f"evaluation at step {state.step} on {len(dev)} dev examples")
         value = evaluate(scorer, task, dev, d.eval_batch_size, desc=f"dev at step {state.step}")
         with signals.deferred():  # best/, the state, the log line and the checkpoint agree
@@ -331,14 +347,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
                 bar.refresh()
             if state.step >= r.steps:
                 break
-            if r.max_time and time.perf_counter() - start_time > r.max_time:
+            if r.max_time and rank.decide(time.perf_counter() - start_time > r.max_time):
                 status = "max_time"
                 with signals.deferred():
                     if saved_at != state.step:
                         save_checkpoint(flush=False)
                 signals.check()
                 break
-            batch = [data.train[i] for i in sampler.indices(state.step)]
+            batch = rank.shard([data.train[i] for i in sampler.indices(state.step)])
             # A first signal lets the step finish: it moves parameters on a thread pool and
             # leaves them perturbed in between (see stopping.py).
             with signals.deferred():
@@ -357,6 +373,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
                     window = []
             show()
             bar.update(1)
+            rank.agree_on_stop(signals)  # a signal to any rank stops all after this step
             signals.check()
     except KeyboardInterrupt as stop:  # Ctrl-C, SIGTERM (stopping.RunStopped) or raised by a caller
         bar.close()
@@ -404,7 +421,7 @@ def _finish(out, cfg, state, opt, task, scorer, data, params, start_time, status
 
     state.wall_time = time.perf_counter() - start_time
     test = None
-    if final_eval and (out / "best").exists():
+    if final_eval and (out / "best").exists() and ranks.current().is_writer:
         checkpoint.load(out / "best", params)
         prog.phase(f"test evaluation of the best-dev parameters (step {state.best_step}) on "
                    f"{len(data.test)} examples")
@@ -424,8 +441,9 @@ def _finish(out, cfg, state, opt, task, scorer, data, params, start_time, status
 
         summary["offload"] = throughput(opt.engine.timing)
     _write_json(out / "summary.json", summary)
-    plot_curves(out / "metrics.jsonl", out / "curves.png",
-                title=f"{task.name} / {cfg.model.name} / {cfg.method.name}")
+    if ranks.current().is_writer:
+        plot_curves(out / "metrics.jsonl", out / "curves.png",
+                    title=f"{task.name} / {cfg.model.name} / {cfg.method.name}")
     return summary
 
 
@@ -435,6 +453,8 @@ def _dev_set(cfg: TrainConfig, data):
 
 
 def _log(path: Path, record: dict) -> None:
+    if not ranks.current().is_writer:
+        return
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
 
@@ -442,7 +462,7 @@ def _log(path: Path, record: dict) -> None:
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drop log lines written after the checkpoint being resumed, and the test line of an
     earlier completion (they will be written again)."""
-    if not path.exists():
+    if not path.exists() or not ranks.current().is_writer:
         return
     keep = [line for line in path.read_text().splitlines()
             if line.strip() and json.loads(line).get("step", 0) <= step

@@ -64,7 +64,6 @@ def setting(default, help: str, *, resume=FIXED, flat: str | None = None, choice
 # The registries the choices come from, read when they are needed (the help, validate), so that
 # importing the config does not import the library.
 def _methods() -> tuple:
-    from ..image_methods import register  # noqa: F401 (registers the float image methods)
     from ..image_trainers import TRAINERS  # the image tasks' methods (backprop, ...) too
     from ..optim import METHODS
     return tuple(METHODS) + tuple(m for m in TRAINERS if m not in METHODS)
@@ -390,6 +389,16 @@ class EngineConfig:
                                       resume=FREE, default_text="none", added=True)
     resident_blocks: int = setting(0, "blocks kept resident, never offloaded (--engine offload)",
                                    resume=FREE, added=True)
+    # Distributed (docs/distributed.md): every mode and world size reads the same checkpoints.
+    parallel: str = setting("none", "distribute the step over the ranks of torchrun: ddp (each rank "
+                            "its share of the batch), pertp (each rank its share of the probe "
+                            "points), 2d (both, --pertp ranks per point group)", resume=FREE,
+                            choices=("none", "ddp", "pertp", "2d"), added=True)
+    pertp: int = setting(2, "point-parallel ranks per group with --parallel 2d", resume=FREE,
+                         added=True)
+    dist_timeout: float = setting(1800.0, "seconds a rank waits for the others before stopping "
+                                  "with an error (must exceed rank 0's longest evaluation)",
+                                  resume=FREE, added=True)
 
     def engine_options(self) -> dict:
         """The ZOOptimizer arguments of this section beyond ``defer_update``."""
