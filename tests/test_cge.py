@@ -252,3 +252,8 @@ def test_a_cge_step_stopped_between_ask_and_tell_resumes_bitwise():
     while (query := opt2.ask()) is not None:
         opt2.tell(answer(opt2, model2, query))
     assert all(torch.equal(a, b.detach()) for a, b in zip(straight, model2.parameters()))
+
+
+def test_coordinate_methods_refuse_parallel_for_now():
+    with pytest.raises(ValueError, match="does not run under parallel"):
+        ZOOptimizer(mlp(0), method="cge", parallel="pertp")
