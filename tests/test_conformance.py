@@ -49,10 +49,13 @@ PRESETS.update({
                                            "tail_update": "momentum", "tail_grad": "clean"},
     "kerzoo+tail": {"method": "kerzoo", "bp_layers": 1},
     "zo-adam+tail-plus": {"method": "zo-adam", "bp_layers": 1, "tail_grad": "plus"},
+    # DeepZero (issue 15): a fixed half mask on 40 weights (90% would leave 4 of them), CGE + Adam
+    "deepzero": {"method": "deepzero", "sparsity": 0.5},
+    "cge+adam": {"method": "cge", "update": "adam"},
 })
 TWO_LAYER = {name for name, o in PRESETS.items() if o["method"] == "elasticzo" or "bp_layers" in o}
 PRESET_LR = {"zo-momentum": 0.003, "zo-adam": 0.1, "zo-sign": 0.1, "pezo+dizo+adam": 0.1,
-             "kerzoo+pezo-bank+momentum": 0.001,
+             "kerzoo+pezo-bank+momentum": 0.001, "deepzero": 0.003, "cge+adam": 0.1,
              "fzoo": 0.03 * 1e-3}  # the paper's form carries 1/eps: the same 0.03 step as fzoo-code
 KERNEL_PRESETS = ("kerzoo", "kerzoo-code", "kerzoo+pooled+dizo", "kerzoo-code+pezo",
                   "kerzoo+pezo-bank+momentum")

@@ -1,4 +1,5 @@
-"""The float image-classifier trainers: first-order backprop, MeZO, ElasticZO (``image_trainers``).
+"""The float image-classifier trainers: first-order backprop, MeZO, ElasticZO, DeepZero's CGE/RGE
+(``image_trainers``).
 
 Each wraps a model and its optimizer(s) as an :class:`~zotune.image_trainers.ImageTrainer`;
 the ZO ones are :class:`~zotune.optim.ZOOptimizer` s, so the recipe and a user's own loop run
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .image_trainers import register
+from .models.reuse import ChainLoss
 from .models.vision import OnePassStatistics
 from .optim import ZOOptimizer
 
@@ -63,6 +65,10 @@ class ZOTrainer:
         kw = {"seed": int(options.get("seed") or 0), "weight_decay": options.get("weight_decay") or 0.0}
         if options.get("direction"):
             kw["direction"] = options["direction"]
+        if options.get("sparsity") is not None:  # sparse CGE (cge, deepzero)
+            kw["sparsity"] = options["sparsity"]
+        if options.get("num_probes"):  # rge's q
+            kw["num_probes"] = options["num_probes"]
         if method == "elasticzo":
             momentum = options.get("momentum") or 0.0
             kw.update(bp_layers=int(options.get("bp_layers") if options.get("bp_layers") is not None else 1),
@@ -70,9 +76,12 @@ class ZOTrainer:
                       tail_update="momentum" if momentum else "sgd", tail_momentum=momentum or 0.9,
                       tail_weight_decay=options.get("weight_decay") or 0.0)
         self.opt = ZOOptimizer(model, lr=options["lr"], eps=options["eps"], method=method, **kw)
+        self.reuse = method in ("cge", "deepzero") and isinstance(model, nn.Sequential)
 
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
         self.model.train()
+        if self.reuse:  # coordinate methods: restart each forward at the perturbed block (exact)
+            return float(self.opt.step(self.stats.wrap(ChainLoss(self.model, images, labels))))
         return float(self.opt.step(self.stats.wrap(lambda: F.cross_entropy(self.model(images), labels))))
 
     @torch.no_grad()
@@ -94,6 +103,8 @@ class ZOTrainer:
 register("backprop", BackpropTrainer)
 register("mezo", lambda model, options: ZOTrainer(model, options, "mezo"))
 register("elasticzo", lambda model, options: ZOTrainer(model, options, "elasticzo"))
+for _name in ("cge", "deepzero", "rge"):  # DeepZero's estimators (estimators/cge.py, methods.py)
+    register(_name, lambda model, options, _name=_name: ZOTrainer(model, options, _name))
 
 
 def _elasticzo_int8(model: nn.Module, options: dict):

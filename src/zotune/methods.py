@@ -14,9 +14,10 @@ import warnings
 from . import rng
 from .directions import make_direction
 from .engines import ENGINES
-from .estimators import FZOO, SPSA, KernelSPSA
+from .estimators import CGE, FZOO, SPSA, KernelSPSA
+from .estimators.cge import always_estimated
 from .estimators.rank import RankEstimator
-from .steps import ConservativeStep, ElasticStep, EstimateStep, ProjectionStep, StepCore
+from .steps import ConservativeStep, CoordinateStep, ElasticStep, EstimateStep, ProjectionStep, StepCore
 from .steps.rank import RankStep
 from .updates import UPDATES, ClipTensorNorm
 from .updates.schedules import check_schedule
@@ -41,6 +42,10 @@ METHODS: dict[str, dict] = {
     "fzoo-code": {"update": "sgd", "direction": "rademacher", "fzoo": {"scale": "code", "std_ddof": 0}},
     "elasticzo": {"update": "sgd", "program": "elastic", "bp_layers": 1},
     "ranksgd": {"update": "sgd", "program": "rank", "rank": {}},
+    "cge": {"update": "sgd", "program": "coordinate", "cge": {}},
+    "deepzero": {"update": "momentum", "program": "coordinate", "cge": {"sparsity": 0.9},
+                 "coupled_decay": True},
+    "rge": {"update": "sgd", "one_sided": True},
 }
 """Named methods (presets of estimator, direction, update rule, step program and projection).
 MeZO and ZO-Bench's ZO-SGD are the same algorithm (Zhang et al., 2024). ``kerzoo``: KerZOO's
@@ -57,10 +62,16 @@ parametrised layers (default 1) or the modules named in ``tail``, from the same 
 its own estimator, direction and rule then drive the head.
 ``ranksgd``: ZO-RankSGD, from a ranking of m points x + eps xi (eps is the smoothing radius mu;
 the ``rank`` options: m, k, legacy, mode, line_search, gamma, momentum, decay); see
-:class:`zotune.ranking.RankSGD`."""
+:class:`zotune.ranking.RankSGD`. ``cge``: DeepZero's coordinate-wise
+forward differences (d + 1 queries; ``sparsity`` for sparse CGE over random per-tensor masks,
+BatchNorm parameters and the head's bias always estimated; ``steps/coordinate.py``).
+``deepzero``: sparse CGE at 90% sparsity with SGD momentum 0.9 and coupled weight decay (Chen et
+al., 2024; uniform ratios until ZO-GraSP lands). ``rge``: DeepZero's RGE, forward differences
+along ``num_probes`` Gaussian directions against one base query (q + 1 queries; the unit-sphere
+form and ZO-GraSP's per-tensor normalised mode are not implemented yet)."""
 
 PROGRAMS = {"estimate": EstimateStep, "conservative": ConservativeStep, "elastic": ElasticStep,
-            "rank": RankStep}
+            "rank": RankStep, "coordinate": CoordinateStep}
 RANK_ESTIMATOR_OPTIONS = ("m", "k", "legacy")
 STATE_FREE = ("sgd", "sign")
 LOW_PRECISION_PROBES = ("exclude", "keep")
@@ -75,7 +86,7 @@ OPTIONS = ("seed", "direction", "num_probes", "one_sided", "momentum", "betas", 
            "warmup_steps", "total_steps", "defer_update", "estimator", "update", "kernel", "projection",
            "clip_norm", "transforms", "chunk_size", "master_weights", "threads", "engine", "rng_device",
            "low_precision_probes", "coupled_decay", "model", "bp_layers", "tail", "tail_grad", "lr_bp",
-           "tail_update", "tail_momentum", "tail_weight_decay", "rank", "parallel",
+           "tail_update", "tail_momentum", "tail_weight_decay", "rank", "parallel", "sparsity",
            *OFFLOAD_OPTIONS)
 
 
@@ -98,8 +109,16 @@ def check_options(options: dict) -> None:
                                 f"; valid options: {', '.join(OPTIONS)}"))
 
 
-def make_estimator(spec: dict, eps: float, num_probes: int | None, one_sided: bool, kernel: dict | None):
+def make_estimator(spec: dict, eps: float, num_probes: int | None, one_sided: bool, kernel: dict | None,
+                   sparsity=None, always=None):
     """The method's estimator; kernel options (``kernel=``) turn any method into a kernel one."""
+    if "cge" in spec:
+        options = dict(spec["cge"])
+        if sparsity is not None:
+            options["sparsity"] = sparsity
+        return CGE(eps, always=always, **options)
+    if sparsity is not None:
+        raise ValueError("sparsity applies to the coordinate-wise methods (cge, deepzero) only")
     if "fzoo" in spec and kernel is None:
         return FZOO(eps, num_probes or 8, **spec["fzoo"])
     if kernel is None and "kernel" not in spec:
@@ -192,7 +211,7 @@ def build(entries, *, eps: float, method: str, group_lrs, group_weight_decays, s
           low_precision_probes: str = "exclude", coupled_decay: bool = False, model=None,
           bp_layers=None, tail=None, tail_grad: str = "avg", lr_bp: float = 1e-2, tail_update: str = "sgd",
           tail_momentum: float = 0.9, tail_weight_decay: float = 0.0, rank=None,
-          parallel=None, **engine_options) -> StepCore:
+          parallel=None, sparsity=None, **engine_options) -> StepCore:
     """Assemble a step core from ``(name, tensor, group, decays)`` entries and the options of
     :class:`~zotune.optim.ZOOptimizer` (which documents them). With ``model``, its block table
     decides weight decay (norms and biases exempt) and DiZO's attention targets.
@@ -209,9 +228,13 @@ def build(entries, *, eps: float, method: str, group_lrs, group_weight_decays, s
     check_schedule(schedule, warmup_steps, total_steps)
     spec = METHODS[method]
     direction = make_direction(direction or spec.get("direction", "gaussian"))
+    one_sided = bool(one_sided or spec.get("one_sided", False))
+    coupled_decay = bool(coupled_decay or spec.get("coupled_decay", False))
     rank_estimator, program = make_rank(spec, eps, rank)
     if estimator is None:
-        estimator = rank_estimator or make_estimator(spec, eps, num_probes, one_sided, kernel)
+        always = always_estimated(model) if "cge" in spec and model is not None else None
+        estimator = rank_estimator or make_estimator(spec, eps, num_probes, one_sided, kernel,
+                                                     sparsity, always)
     rule = (make_rule(update or spec["update"], momentum, betas, adam_eps)
             if update is None or isinstance(update, str) else update)
     if bp_layers is None and tail is None:
@@ -229,6 +252,9 @@ def build(entries, *, eps: float, method: str, group_lrs, group_weight_decays, s
                               tail_weight_decay, tail_grad)
     else:
         program = program or PROGRAMS[spec.get("program", "estimate")]()
+    if isinstance(program, CoordinateStep) and parallel is not None:  # shards of S: issue 15, not yet
+        raise ValueError(f"{method} (coordinate-wise) does not run under "
+                         f"parallel={getattr(parallel, 'mode', parallel)!r} yet; drop parallel")
     if isinstance(program, ConservativeStep) and getattr(rule, "name", None) not in STATE_FREE:
         raise ValueError(f"zo-cons compares theta -+ lr g before applying one of them, which needs a "
                          f"state-free update rule ({', '.join(STATE_FREE)}); got {rule.name!r}")

@@ -34,7 +34,9 @@ from .tasks.images import IMAGE_TASKS, Batches, normalise
 
 DEFAULTS = {"backprop": {"lr": 0.05}, "mezo": {"lr": 1e-3, "eps": 1e-3},
             "elasticzo": {"lr": 1e-3, "eps": 1e-3, "lr_bp": 0.05},
-            "elasticzo-int8": {"lr": 1e-3, "eps": 1e-3, "lr_bp": 0.05}}
+            "elasticzo-int8": {"lr": 1e-3, "eps": 1e-3, "lr_bp": 0.05},
+            "cge": {"lr": 0.05, "eps": 5e-3}, "deepzero": {"lr": 0.05, "eps": 5e-3},
+            "rge": {"lr": 1e-3, "eps": 5e-3}}
 """Image-task defaults by method where ``--lr``/``--eps``/``--lr-bp`` are not given."""
 
 
@@ -109,7 +111,7 @@ def run(cfg, *, resume: bool = False, progress: bool = True) -> dict:
                f"method {m.name}")
     options = {"lr": m.lr, "lr_bp": m.lr_bp, "eps": m.eps, "seed": r.seed, "bp_layers": m.bp_layers,
                "tail_grad": m.tail_grad, "momentum": m.momentum, "weight_decay": m.weight_decay,
-               "direction": m.direction}
+               "direction": m.direction, "sparsity": m.sparsity, "num_probes": m.num_probes}
     try:
         trainer = build_trainer(m.name, model, options)
     except ValueError as err:

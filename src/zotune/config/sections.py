@@ -305,6 +305,9 @@ class MethodConfig:
                              choices=_tail_grads, added=True)
     momentum: float = setting(0.0, "image tasks: momentum of the first-order (backprop, tail) SGD",
                               added=True)
+    sparsity: float | None = setting(None, "cge/deepzero: fraction of each conv/linear tensor's "
+                                     "coordinates not estimated, in [0, 1)",
+                                     default_text="the method's (deepzero: 0.9)", added=True)
     kernel: KernelOptions = field(default_factory=KernelOptions)
     dizo: DiZOOptions = field(default_factory=DiZOOptions)
     pezo: PeZOOptions = field(default_factory=PeZOOptions)
@@ -318,6 +321,8 @@ class MethodConfig:
             options.update(tail_grad=self.tail_grad, lr_bp=1e-2 if self.lr_bp is None else self.lr_bp)
             if self.bp_layers is not None:
                 options["bp_layers"] = self.bp_layers
+        if self.sparsity is not None:
+            options["sparsity"] = self.sparsity
         if self.estimator == "kernel" or kernel:
             if self.estimator == "spsa":
                 raise ZotuneError("--estimator spsa conflicts with --kernel-* options")
