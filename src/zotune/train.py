@@ -226,16 +226,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
         hf_logging.disable_progress_bar()
     out = Path(r.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    previous = checkpoint.latest(out)
-    if resume:
-        if previous is None:
-            raise ZotuneError(f"--resume: no checkpoint in {out}/checkpoints; nothing to resume")
-        _check_resume(out, previous, cfg)
-    elif previous is not None:
-        raise ZotuneError(f"{out} already holds a run ({previous.name}); pass --resume to continue "
-                          "it or choose another --output-dir")
-    else:  # a resumed run writes its config.json once its checkpoint has loaded
-        _write_json(out / "config.json", cfg.saved())
+    open_run_directory(out, cfg, resume)
 
     task = load_task(cfg)
     data = task.load(d.data_dir, num_train=d.num_train, num_dev=d.num_dev, num_test=d.num_test,
@@ -395,6 +386,22 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
             _finish(out, cfg, state, opt, task, scorer, data, params, start_time,
                     getattr(stop, "status", "interrupted"), final_eval=False)
         raise
+
+
+def open_run_directory(out: Path, cfg: TrainConfig, resume: bool) -> None:
+    """Refuse a resume without a checkpoint (or with changed settings) and a new run on a
+    directory that holds one; a new run writes its config.json now, a resumed run once its
+    checkpoint has loaded."""
+    previous = checkpoint.latest(out)
+    if resume:
+        if previous is None:
+            raise ZotuneError(f"--resume: no checkpoint in {out}/checkpoints; nothing to resume")
+        _check_resume(out, previous, cfg)
+    elif previous is not None:
+        raise ZotuneError(f"{out} already holds a run ({previous.name}); pass --resume to continue "
+                          "it or choose another --output-dir")
+    else:
+        _write_json(out / "config.json", cfg.saved())
 
 
 def _check_resume(out: Path, previous: Path, cfg: TrainConfig) -> None:

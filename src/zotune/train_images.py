@@ -86,21 +86,12 @@ def run(cfg, *, resume: bool = False, progress: bool = True) -> dict:
     Called by ``train.train`` inside its run lock and signal handling."""
     from .memory import training_memory
     from .report import plot_curves
-    from .train import _check_resume, _peak_rss_gib, _truncate_metrics, _write_json
+    from .train import _peak_rss_gib, _truncate_metrics, _write_json, open_run_directory
 
     cfg = with_defaults(cfg).resolved()
     d, m, r = cfg.data, cfg.method, cfg.run
     out = Path(r.output_dir)
-    previous = checkpoint.latest(out)
-    if resume:
-        if previous is None:
-            raise ZotuneError(f"--resume: no checkpoint in {out}/checkpoints; nothing to resume")
-        _check_resume(out, previous, cfg)
-    elif previous is not None:
-        raise ZotuneError(f"{out} already holds a run ({previous.name}); pass --resume to continue "
-                          "it or choose another --output-dir")
-    else:
-        _write_json(out / "config.json", cfg.saved())
+    open_run_directory(out, cfg, resume)
 
     prog.phase(f"loading data: {d.task}")
     data = IMAGE_TASKS[d.task](d.data_dir)
