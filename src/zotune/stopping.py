@@ -46,9 +46,19 @@ class Signals:
         self.requested: int | None = None
         self._deferring = 0
         self._previous: dict = {}
+        # Under --parallel a rank may stop only where every rank stops: a first signal is then
+        # always held, and check() raises once the ranks have agreed on it (agree()).
+        self.agreed_only = False
+        self.stop_agreed = False
+
+    def agree(self, signum: int | None) -> None:
+        """The ranks agreed to stop after this step (``signum``: the first signal any of them saw)."""
+        if signum:
+            self.requested = self.requested or signum
+            self.stop_agreed = True
 
     def _handle(self, signum, frame) -> None:
-        if self._deferring and self.requested is None:
+        if (self._deferring or self.agreed_only) and self.requested is None:
             self.requested = signum
             from . import progress  # a bar may hold the line: start a new one
 
@@ -71,8 +81,9 @@ class Signals:
             self._deferring -= 1
 
     def check(self) -> None:
-        """Raise :class:`RunStopped` if a signal arrived during a deferred block."""
-        if self.requested is not None:
+        """Raise :class:`RunStopped` if a signal arrived during a deferred block (under
+        ``agreed_only``: once the ranks agreed on it)."""
+        if self.requested is not None and (self.stop_agreed or not self.agreed_only):
             raise RunStopped(self.requested)
 
     def install(self) -> None:

@@ -279,6 +279,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
     window: list[float] = []
     status = "completed"
     report, signals = prog.current(), stopping.current()
+    if rank.topology is not None and rank.topology.world > 1:
+        signals.agreed_only = True  # a rank stops only where all do (RunContext.agree_on_stop)
     saved_at = state.step if resume else None  # the step of the newest checkpoint on disk
     if state.step < r.steps:
         prog.phase(f"training: steps {state.step + 1}-{r.steps}" + (f" (resumed at step {state.step})"

@@ -75,10 +75,11 @@ class RunContext:
         """Make a stop signal seen by any rank a stop of every rank after this step."""
         if self.topology is None or self.topology.world == 1:
             return
+        signals.agreed_only = True  # from the first step on, a rank stops only where all do
         flag = torch.tensor([signals.requested or 0], dtype=torch.int64)
         seen = [int(t[0]) for t in self.topology.comm.all_gather(flag, None, "stop flag")]
-        if signals.requested is None and any(seen):
-            signals.requested = next(s for s in seen if s)
+        # a signal that arrives during the gather is in the next step's flag
+        signals.agree(next((s for s in seen if s), None))
 
 
 _current = RunContext()
