@@ -15,7 +15,7 @@ from zotune.models.vision import small_cnn
 def _cnn(seed=0):
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        return small_cnn(num_classes=4, in_channels=1, widths=(3, 4))
+        return small_cnn(num_classes=4, in_channels=1, widths=(2, 3))
 
 
 def test_masks_are_redrawn_every_k_steps_at_the_ratios_and_a_step_costs_s_plus_1():
@@ -27,7 +27,7 @@ def test_masks_are_redrawn_every_k_steps_at_the_ratios_and_a_step_costs_s_plus_1
     layout, est = opt.core.engine.layout, opt.core.estimator
     dense = {"0.0.bias", "0.1.weight", "0.1.bias", "1.0.bias", "1.1.weight", "1.1.bias", "2.2.bias"}
     masks, calls = [], []
-    for _ in range(8):
+    for _ in range(7):
         active = est.active(layout)
         masks.append({spec.name: tuple(active[spec.index].tolist()) for spec in layout})
         count = [0]
@@ -46,8 +46,8 @@ def test_masks_are_redrawn_every_k_steps_at_the_ratios_and_a_step_costs_s_plus_1
             else:
                 assert n == round((1 - ratios[spec.name]) * size), spec.name
     size = sum(len(v) for v in masks[0].values())
-    assert calls == [size + 1] * 8
-    changed = [t for t in range(1, 8) if masks[t] != masks[t - 1]]
+    assert calls == [size + 1] * 7
+    changed = [t for t in range(1, 7) if masks[t] != masks[t - 1]]
     assert changed == [3, 6]
     assert masks[0]["2.2.weight"] == ()  # a layer at ratio 1 is not estimated at all
 
@@ -61,7 +61,7 @@ def test_mask_schedule_resumes_from_a_checkpoint():
         make = lambda m: ZOOptimizer(m, lr=0.05, eps=5e-3, method="deepzero", sparsity=0.5,  # noqa: E731
                                      mask_redraw_steps=3)
         opt = make(model)
-        for t in range(7):
+        for t in range(6):
             if t == split:
                 saved_model = {k: v.clone() for k, v in model.state_dict().items()}
                 saved = opt.state_dict()
@@ -120,10 +120,10 @@ def _train(tmp_path, out, *extra):
 def test_cli_cnn_width_cge_and_deepzero_with_saved_ratios(tmp_path, capsys):
     from test_images import write_fashion_mnist
 
-    write_fashion_mnist(tmp_path / "data")
+    write_fashion_mnist(tmp_path / "data", n_train=48, n_test=16)
     assert _train(tmp_path, "cge", "--model", "cnn", "--cnn-width", "2", "--method", "cge", "--epochs", "1") == 0
     summary = json.loads((tmp_path / "cge" / "summary.json").read_text())
-    assert summary["steps"] == 6 and summary["status"] == "completed"
+    assert summary["steps"] == 3 and summary["status"] == "completed"
     deep = ("--model", "cnn", "--cnn-width", "2", "--method", "deepzero", "--sparsity", "0.5", "--steps", "2")
     assert _train(tmp_path, "dz", *deep) == 0
     saved = json.loads((tmp_path / "dz" / "layer_ratios.json").read_text())
@@ -154,7 +154,7 @@ def test_cli_cnn_width_cge_and_deepzero_with_saved_ratios(tmp_path, capsys):
 def test_cli_bad_inputs_are_one_line_errors(tmp_path, capsys, extra, message):
     from test_images import write_fashion_mnist
 
-    write_fashion_mnist(tmp_path / "data")
+    write_fashion_mnist(tmp_path / "data", n_train=48, n_test=16)
     capsys.readouterr()
     assert _train(tmp_path, "bad", *extra, "--steps", "1") == 2
     err = capsys.readouterr().err.strip()

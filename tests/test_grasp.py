@@ -31,13 +31,14 @@ def _data(n=40, dtype=torch.float32, seed=5):
 
 def test_zo_hessian_gradient_mean_is_mu2_DHD_grad_on_a_quadratic():
     """E[Hg_hat] = mu^2 D A D grad, D = diag(1/d_l) (exact on a quadratic; module docstring).
-    1000 runs of q = 16 at mu = 1; bound: every coordinate within 4.5 standard errors, and the
-    mean more than 8 standard errors from mu^2 D A grad (one D less), so the bound discriminates."""
+    120 runs of q = 16 at mu = 1 (fixed seeds); bound: every coordinate within 4.5 standard errors,
+    and the mean more than 8 standard errors from mu^2 D A grad (one D less: measured 40 at 100
+    runs), so the bound discriminates."""
     tensors, flat, loss, a, c = _quadratic(1)
     grad = a @ flat() + c
     dscale = torch.tensor([1 / 3] * 3 + [1 / 6] * 6, dtype=torch.float64)
     runs = []
-    for seed in range(1000):
+    for seed in range(120):
         _, hg = zo_hessian_gradient(loss, tensors, num_probes=16, eps=1.0, seed=seed)
         runs.append(torch.cat([hg["a"], hg["b"].reshape(-1)]))
     d = torch.stack(runs)
@@ -61,7 +62,7 @@ def test_global_selection_is_pytorchs_global_l1_pruning_on_the_score():
         prune.global_unstructured([(m, "weight") for m in modules.values()], pruning_method=prune.L1Unstructured,
                                   amount=sparsity,
                                   importance_scores={(m, "weight"): scores[n] for n, m in modules.items()})
-        want = {n: float((m.weight_mask == 0).float().mean()) for n, m in modules.items()}
+        want = {n: float((m.weight_mask == 0).double().mean()) for n, m in modules.items()}
         assert ratios == pytest.approx(want, abs=1e-12)
 
 
@@ -111,18 +112,19 @@ def test_first_order_hg_is_a_central_difference_of_autograd_gradients():
 
 
 def test_zo_grasp_ratios_against_first_order_grasp():
-    """What ZO-GraSP's ratios share with first-order GraSP's on a small CNN: measured (seed 0,
-    q = 192, mu = 5e-3, sparsity 0.8) and bounded here; docs/benchmarks.md has the table."""
+    """What ZO-GraSP's ratios share with first-order GraSP's on a small CNN (3 layers of 36, 216
+    and 24 weights, sparsity 0.8, q = 192, mu = 5e-3). Agreement = the size-weighted mean
+    |ratio difference|. Measured at seed 0: ZO vs FO 0.051 (seeds 0-3: 0.022-0.073), uniform vs
+    FO 0.146. Bounds: ZO vs FO < 0.10, and ZO closer to FO than half of uniform's distance."""
     model = _cnn(3)
     x, y = _data(80)
     fo = ratios_for("grasp", model, x, y, 0.8)
     zo = ratios_for("zo-grasp", model, x, y, 0.8)
     sizes = {n: w.numel() for n, w in prunable(model).items()}
-    gap = sum(abs(fo[n] - zo[n]) * sizes[n] for n in sizes) / sum(sizes.values())
-    assert gap < GAP_BOUND, (gap, fo, zo)
-
-
-GAP_BOUND = 1.0  # set from the measurement below
+    gap = lambda a, b: sum(abs(a[n] - b[n]) * sizes[n] for n in sizes) / sum(sizes.values())  # noqa: E731
+    uniform = {n: 0.8 for n in sizes}
+    assert gap(zo, fo) < 0.10, (zo, fo)
+    assert gap(zo, fo) < 0.5 * gap(uniform, fo), (zo, fo)
 
 
 def test_ratios_file_round_trip_and_errors(tmp_path):

@@ -66,14 +66,14 @@ def _quadratic(seed=0):
 
 def test_modes_are_unbiased_up_to_their_known_scale_on_a_quadratic():
     """On a quadratic the forward difference's O(mu) term is odd in u, so E[g] is exactly
-    grad (gaussian, sphere) and grad_l / d_l (layer). 1500 estimates of q = 4 each (fixed
+    grad (gaussian, sphere) and grad_l / d_l (layer). 300 estimates of q = 4 each (fixed
     seeds); bound: every coordinate's mean within 4.5 standard errors. The layer mode's mean is
     also checked to be far (> 8 standard errors) from the unscaled gradient, so the bound
     discriminates the scale."""
     tensors, flat, loss, a, c = _quadratic()
     grad = a @ flat() + c
     scale = torch.tensor([1 / 3] * 3 + [1 / 6] * 6, dtype=torch.float64)
-    runs = 1500
+    runs = 300
     for mode in MODES:
         draws = []
         for i in range(runs):
@@ -86,7 +86,8 @@ def test_modes_are_unbiased_up_to_their_known_scale_on_a_quadratic():
         z = ((mean - target) / se).abs().max().item()
         assert z < 4.5, (mode, z)
         if mode == "layer":
-            assert ((mean - grad) / se).abs().max().item() > 8
+            far = ((mean - grad) / se).abs().max().item()
+            assert far > 8, far
 
 
 def test_rge_mode_errors():
