@@ -131,8 +131,8 @@ def resnet20(num_classes: int = 10, in_channels: int = 3) -> nn.Sequential:
 MODELS: dict[str, Callable[..., nn.Sequential]] = {
     "lenet5": lenet5,
     "small-cnn": small_cnn,
-    "cnn": cnn,
     "resnet20": resnet20,
+    "cnn": cnn,
     **{f"cnn-{p}": (lambda p: lambda num_classes=10, in_channels=3: deepzero_cnn(p, num_classes, in_channels))(p)
        for p in DEEPZERO_CNN},
 }
