@@ -159,3 +159,20 @@ def test_cli_bad_inputs_are_one_line_errors(tmp_path, capsys, extra, message):
     assert _train(tmp_path, "bad", *extra, "--steps", "1") == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_resnet20_at_uniform_90_percent_costs_the_research_notes_query_count():
+    """Research note B.9: ResNet-20 with 268,336 prunable weights (20 conv/linear layers) and
+    1,386 always-dense BatchNorm parameters and head bias, uniform 90% sparsity: 28,221 queries a
+    step, counting 10% of all prunable weights at once; rounding each layer's mask on its own
+    (round(0.1 d_l), as CGE draws them) gives 28,218."""
+    from zotune.models.vision import resnet20
+    from zotune.sparsity import prunable, uniform_ratios
+
+    model = resnet20()
+    weights = prunable(model)
+    assert sum(w.numel() for w in weights.values()) == 268336 and len(weights) == 20
+    opt = ZOOptimizer(model, lr=0.1, eps=5e-3, method="deepzero", sparsity=uniform_ratios(model, 0.9))
+    queries = opt.core.estimator.forward_passes(opt.core.engine.layout)
+    assert queries == 1 + 1386 + sum(round((1 - 0.9) * w.numel()) for w in weights.values()) == 28218
+    assert abs(queries - 28221) <= len(weights) / 2
