@@ -54,10 +54,10 @@ def check(cfg) -> None:
         raise ZotuneError(f"unknown layer_ratios {m.layer_ratios!r}; valid: {', '.join(RATIO_METHODS)}")
     if m.layer_ratios not in (None, "uniform") and m.sparsity is None:
         raise ZotuneError(f"--layer-ratios {m.layer_ratios} needs --sparsity (the overall target)")
-    for key in ("mask_redraw_epochs", "warmup_epochs"):
+    for key, least in (("mask_redraw_epochs", 1), ("warmup_epochs", 0)):
         value = getattr(m, key)
-        if value is not None and not (isinstance(value, int) and value >= (1 if key[0] == "m" else 0)):
-            raise ZotuneError(f"{key} must be an integer >= {1 if key[0] == 'm' else 0}, got {value!r}")
+        if value is not None and not (isinstance(value, int) and value >= least):
+            raise ZotuneError(f"{key} must be an integer >= {least}, got {value!r}")
 
 
 def layer_ratios(cfg, model, data, out: Path, resume: bool):
