@@ -134,6 +134,12 @@ def test_cli_cnn_width_cge_and_deepzero_with_saved_ratios(tmp_path, capsys):
     config = json.loads((tmp_path / "dz" / "config.json").read_text())
     assert config["weight_decay"] == 5e-4 and config["schedule"] == "cosine"
     text = (tmp_path / "dz" / "layer_ratios.json").read_text()
+    from zotune import cli
+
+    capsys.readouterr()
+    # zotune eval rebuilds the run's own trainer (its ratios, mask schedule and lr schedule)
+    assert cli.main(["eval", "--checkpoint", str(tmp_path / "dz"), "--which", "latest"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["value"] == summary["test"]
     assert _train(tmp_path, "dz", *deep, "--resume") == 0  # reads the ratios, does not recompute
     assert (tmp_path / "dz" / "layer_ratios.json").read_text() == text
     (tmp_path / "dz" / "layer_ratios.json").unlink()

@@ -64,6 +64,32 @@ class ImageRunState:
     memory: dict = field(default_factory=dict)
 
 
+def seeded_model(cfg, data):
+    """The run's model, initialised from the run seed (the global RNG is left untouched)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(rng.mix(cfg.run.seed, 0x4D4F44454C))
+        return build_model(cfg.model.name, data.num_classes, data.in_channels,
+                           width=cfg.model.cnn_width, depth=cfg.model.cnn_depth)
+
+
+def trainer_options(cfg) -> dict:
+    """The options an :class:`~zotune.image_trainers.ImageTrainer` builder receives (those that
+    depend on the run, DeepZero's ratios and schedule, come from ``sparsity.protocol.run_options``)."""
+    m = cfg.method
+    return {"lr": m.lr, "lr_bp": m.lr_bp, "eps": m.eps, "seed": cfg.run.seed, "bp_layers": m.bp_layers,
+            "tail_grad": m.tail_grad, "momentum": m.momentum, "weight_decay": m.weight_decay,
+            "direction": m.direction, "sparsity": m.sparsity, "num_probes": m.num_probes,
+            "rge_mode": m.rge_mode}
+
+
+def trainer_for(cfg, model, extra: dict | None = None):
+    """The method's trainer on ``model`` (``extra`` options on top); a bad option is a one-line error."""
+    try:
+        return build_trainer(cfg.method.name, model, {**trainer_options(cfg), **(extra or {})})
+    except ValueError as err:
+        raise ZotuneError(f"method {cfg.method.name!r}: {err}") from None
+
+
 def accuracy(trainer, images: torch.Tensor, labels: torch.Tensor, task: str, batch_size: int,
              desc: str) -> float:
     """Test accuracy (%) of the trainer's current parameters."""
@@ -98,25 +124,16 @@ def run(cfg, *, resume: bool = False, progress: bool = True) -> dict:
 
     prog.phase(f"loading data: {d.task}")
     data = IMAGE_TASKS[d.task](d.data_dir)
-    with torch.random.fork_rng():  # the model's initialisation from the run seed, global RNG untouched
-        torch.manual_seed(rng.mix(r.seed, 0x4D4F44454C))
-        model = build_model(cfg.model.name, data.num_classes, data.in_channels,
-                            width=cfg.model.cnn_width, depth=cfg.model.cnn_depth)
+    model = seeded_model(cfg, data)
     prog.phase(f"model: {cfg.model.name} ({sum(p.numel() for p in model.parameters()):,} parameters), "
                f"method {m.name}")
     batches = Batches(data.train_images, data.train_labels, d.task, d.batch_size, r.seed, d.augment)
     steps = d.epochs * batches.steps_per_epoch if d.epochs else r.steps
     if m.layer_ratios not in (None, "uniform") and not resume:
         prog.phase(f"layer-wise ratios: {m.layer_ratios} at sparsity {m.sparsity:g}")
-    sparsity, ratios = protocol.layer_ratios(cfg, model, data, out, resume)
-    options = {"lr": m.lr, "lr_bp": m.lr_bp, "eps": m.eps, "seed": r.seed, "bp_layers": m.bp_layers,
-               "tail_grad": m.tail_grad, "momentum": m.momentum, "weight_decay": m.weight_decay,
-               "direction": m.direction, "sparsity": sparsity, "num_probes": m.num_probes,
-               "rge_mode": m.rge_mode, **protocol.schedule_options(cfg, steps, batches.steps_per_epoch)}
-    try:
-        trainer = build_trainer(m.name, model, options)
-    except ValueError as err:
-        raise ZotuneError(f"method {m.name!r}: {err}") from None
+    extra, ratios = protocol.run_options(cfg, model, data, out, resume, steps, batches.steps_per_epoch)
+    options = {**trainer_options(cfg), **extra}
+    trainer = trainer_for(cfg, model, extra)
     tensors = dict(model.state_dict())  # parameters and BN buffers, shared with the model
     metrics = out / "metrics.jsonl"
     state = ImageRunState()

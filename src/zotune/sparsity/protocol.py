@@ -110,3 +110,11 @@ def schedule_options(cfg, steps: int, steps_per_epoch: int) -> dict:
     if m.name in COORDINATE_METHODS and m.sparsity is not None and m.mask_redraw_epochs is not None:
         options["mask_redraw_steps"] = m.mask_redraw_epochs * steps_per_epoch
     return options
+
+
+def run_options(cfg, model, data, out: Path, resume: bool, steps: int, steps_per_epoch: int):
+    """``(options, ratios record or None)``: the trainer options that depend on the run (the
+    ``sparsity`` of :func:`layer_ratios` and :func:`schedule_options`), for the recipe and for
+    ``zotune eval`` (which passes ``resume=True`` to read the run's ratios)."""
+    sparsity, record = layer_ratios(cfg, model, data, out, resume)
+    return {"sparsity": sparsity, **schedule_options(cfg, steps, steps_per_epoch)}, record
