@@ -39,6 +39,8 @@ def test_every_flag_has_help_and_one_default(command):
 from zotune.image_trainers import TRAINERS  # noqa: E402 (the image tasks' methods, issue 11)
 from zotune.steps.elastic import TAIL_GRADS  # noqa: E402
 from zotune.tasks.images import IMAGE_TASKS  # noqa: E402
+from zotune.estimators.rge import MODES as RGE_MODES  # noqa: E402 (DeepZero, issue 15)
+from zotune.sparsity.grasp import RATIO_METHODS  # noqa: E402
 
 REGISTRIES = {
     "--method": list(METHODS) + [m for m in TRAINERS if m not in METHODS],
@@ -48,6 +50,7 @@ REGISTRIES = {
     "--kernel-order": [str(k) for k in KERNELS], "--kernel-schedule": KERNEL_SCHEDULES,
     "--kernel-r-sharing": KernelSPSA.R_SHARING, "--kernel-normalization": KernelSPSA.NORMALIZATIONS,
     "--pezo-scaling": SCALINGS,
+    "--rge-mode": RGE_MODES, "--layer-ratios": RATIO_METHODS,
 }
 
 

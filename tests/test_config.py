@@ -24,7 +24,8 @@ OLD_FLAT = ("task task_file model method direction trainable pattern lora_r lora
 NEW_FLAT = ("skip_bad_rows", "keep_checkpoints", "engine", "offload_to", "offload_dir", "resident_blocks",
             "parallel", "pertp", "dist_timeout")
 IMAGE_FLAT = ("epochs", "augment", "bp_layers", "lr_bp", "tail_grad", "momentum",
-              "sparsity")  # issue 11; sparsity: issue 15
+              "sparsity", "cnn_width", "cnn_depth", "rge_mode", "layer_ratios", "mask_redraw_epochs",
+              "warmup_epochs")  # issue 11; sparsity and after: issue 15
 OLD_RESUME_KEYS = set(OLD_FLAT) - {"steps", "defer_update", "eval_every", "eval_dev", "eval_batch_size",
                                    "num_test", "data_dir", "output_dir", "log_every", "max_time", "device"}
 

@@ -21,15 +21,22 @@ def evaluate_image_run(cfg, run: Path | None, *, which: str, split: str, num_tes
                        eval_batch_size: int) -> dict:
     """Test accuracy (%) of the image run in ``run`` (its latest checkpoint), or of the model
     initialised from the config's seed when ``run`` is None. Returns the JSON line's fields."""
+    from .sparsity import protocol
+    from .tasks.images import Batches
     from .train_images import accuracy, seeded_model, trainer_for, with_defaults
 
     if split != "test":
         raise ZotuneError(f"image task {cfg.data.task!r} has no {split!r} split; use --split test")
-    cfg = with_defaults(cfg).resolved()
+    cfg = with_defaults(protocol.with_deepzero_defaults(cfg)).resolved()
     d = cfg.data
     data = IMAGE_TASKS[d.task](d.data_dir)
     model = seeded_model(cfg, data)  # the run's initialisation: the zero-shot point
-    trainer = trainer_for(cfg, model)
+    extra = {}
+    if run is not None:  # the run's own trainer: its layer-wise ratios and schedule (DeepZero)
+        batches = Batches(data.train_images, data.train_labels, d.task, d.batch_size, cfg.run.seed)
+        steps = d.epochs * batches.steps_per_epoch if d.epochs else cfg.run.steps
+        extra, _ = protocol.run_options(cfg, model, data, run, True, steps, batches.steps_per_epoch)
+    trainer = trainer_for(cfg, model, extra)
     source = "initialisation"
     if run is not None:
         if which == "best":

@@ -17,6 +17,7 @@ from .image_trainers import register
 from .models.reuse import ChainLoss
 from .models.vision import OnePassStatistics
 from .optim import ZOOptimizer
+from .updates.schedules import lr_factor
 
 
 class BackpropTrainer:
@@ -28,6 +29,11 @@ class BackpropTrainer:
         self.opt = torch.optim.SGD(model.parameters(), lr=options["lr"],
                                    momentum=options.get("momentum") or 0.0,
                                    weight_decay=options.get("weight_decay") or 0.0)
+        # the ZO methods' schedule (updates/schedules.py), so first-order baselines match them
+        kind, warmup = options.get("schedule") or "constant", options.get("warmup_steps") or 0
+        total = options.get("total_steps")
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda t: lr_factor(kind, t, warmup_steps=warmup, total_steps=total))
 
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
         self.model.train()
@@ -35,6 +41,7 @@ class BackpropTrainer:
         loss = F.cross_entropy(self.model(images), labels)
         loss.backward()
         self.opt.step()
+        self.schedule.step()
         self.opt.zero_grad(set_to_none=True)
         return float(loss.detach())
 
@@ -46,11 +53,14 @@ class BackpropTrainer:
     def state_dict(self) -> dict:
         # copies: torch.optim's load_state_dict keeps the very tensors it is given (momentum
         # buffers), so a state handed out by reference would go on changing with this trainer
-        return copy.deepcopy({"model": self.model.state_dict(), "optimizer": self.opt.state_dict()})
+        return copy.deepcopy({"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                              "schedule": self.schedule.state_dict()})
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
+        if "schedule" in state:
+            self.schedule.load_state_dict(state["schedule"])
 
 
 class ZOTrainer:
@@ -69,6 +79,12 @@ class ZOTrainer:
             kw["sparsity"] = options["sparsity"]
         if options.get("num_probes"):  # rge's q
             kw["num_probes"] = options["num_probes"]
+        for key in ("rge_mode", "mask_redraw_steps"):  # rge's directions; DeepZero's mask schedule
+            if options.get(key) is not None:
+                kw[key] = options[key]
+        if options.get("schedule") not in (None, "constant") or options.get("warmup_steps"):
+            kw.update(schedule=options.get("schedule") or "constant",
+                      warmup_steps=options.get("warmup_steps") or 0, total_steps=options.get("total_steps"))
         if method == "elasticzo":
             momentum = options.get("momentum") or 0.0
             kw.update(bp_layers=int(options.get("bp_layers") if options.get("bp_layers") is not None else 1),

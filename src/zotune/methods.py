@@ -17,7 +17,9 @@ from .engines import ENGINES
 from .estimators import CGE, FZOO, SPSA, KernelSPSA
 from .estimators.cge import always_estimated
 from .estimators.rank import RankEstimator
+from .estimators.rge import RGE
 from .steps import ConservativeStep, CoordinateStep, ElasticStep, EstimateStep, ProjectionStep, StepCore
+from .steps.masks import MaskRedraw
 from .steps.rank import RankStep
 from .updates import UPDATES, ClipTensorNorm
 from .updates.schedules import check_schedule
@@ -44,8 +46,8 @@ METHODS: dict[str, dict] = {
     "ranksgd": {"update": "sgd", "program": "rank", "rank": {}},
     "cge": {"update": "sgd", "program": "coordinate", "cge": {}},
     "deepzero": {"update": "momentum", "program": "coordinate", "cge": {"sparsity": 0.9},
-                 "coupled_decay": True},
-    "rge": {"update": "sgd", "one_sided": True},
+                 "coupled_decay": True, "needs_blocks": True},
+    "rge": {"update": "sgd", "one_sided": True, "rge": {}},
 }
 """Named methods (presets of estimator, direction, update rule, step program and projection).
 MeZO and ZO-Bench's ZO-SGD are the same algorithm (Zhang et al., 2024). ``kerzoo``: KerZOO's
@@ -66,9 +68,11 @@ the ``rank`` options: m, k, legacy, mode, line_search, gamma, momentum, decay); 
 forward differences (d + 1 queries; ``sparsity`` for sparse CGE over random per-tensor masks,
 BatchNorm parameters and the head's bias always estimated; ``steps/coordinate.py``).
 ``deepzero``: sparse CGE at 90% sparsity with SGD momentum 0.9 and coupled weight decay (Chen et
-al., 2024; uniform ratios until ZO-GraSP lands). ``rge``: DeepZero's RGE, forward differences
-along ``num_probes`` Gaussian directions against one base query (q + 1 queries; the unit-sphere
-form and ZO-GraSP's per-tensor normalised mode are not implemented yet)."""
+al., 2024); ``sparsity`` may be ZO-GraSP's layer-wise ratios (``zotune.sparsity``) and
+``mask_redraw_steps`` redraws the masks periodically (``steps/masks.py``); given a model, it must
+have a block table. ``rge``: DeepZero's RGE, forward differences along ``num_probes`` directions
+against one base query (q + 1 queries), ``rge_mode`` ``gaussian`` (default), ``sphere`` or
+``layer`` (per-tensor normalised, ZO-GraSP's; ``estimators/rge.py``)."""
 
 PROGRAMS = {"estimate": EstimateStep, "conservative": ConservativeStep, "elastic": ElasticStep,
             "rank": RankStep, "coordinate": CoordinateStep}
@@ -87,7 +91,7 @@ OPTIONS = ("seed", "direction", "num_probes", "one_sided", "momentum", "betas", 
            "clip_norm", "transforms", "chunk_size", "master_weights", "threads", "engine", "rng_device",
            "low_precision_probes", "coupled_decay", "model", "bp_layers", "tail", "tail_grad", "lr_bp",
            "tail_update", "tail_momentum", "tail_weight_decay", "rank", "parallel", "sparsity",
-           *OFFLOAD_OPTIONS)
+           "rge_mode", "mask_redraw_steps", *OFFLOAD_OPTIONS)
 
 
 def decays(name: str, param, named: bool) -> bool:
@@ -110,8 +114,12 @@ def check_options(options: dict) -> None:
 
 
 def make_estimator(spec: dict, eps: float, num_probes: int | None, one_sided: bool, kernel: dict | None,
-                   sparsity=None, always=None):
+                   sparsity=None, always=None, rge_mode=None):
     """The method's estimator; kernel options (``kernel=``) turn any method into a kernel one."""
+    if rge_mode is not None and "rge" not in spec:
+        raise ValueError("rge_mode applies to method 'rge' only")
+    if "rge" in spec and kernel is None and sparsity is None:
+        return RGE(eps, num_probes or 1, rge_mode or spec["rge"].get("mode", "gaussian"))
     if "cge" in spec:
         options = dict(spec["cge"])
         if sparsity is not None:
@@ -211,7 +219,7 @@ def build(entries, *, eps: float, method: str, group_lrs, group_weight_decays, s
           low_precision_probes: str = "exclude", coupled_decay: bool = False, model=None,
           bp_layers=None, tail=None, tail_grad: str = "avg", lr_bp: float = 1e-2, tail_update: str = "sgd",
           tail_momentum: float = 0.9, tail_weight_decay: float = 0.0, rank=None,
-          parallel=None, sparsity=None, **engine_options) -> StepCore:
+          parallel=None, sparsity=None, rge_mode=None, mask_redraw_steps=None, **engine_options) -> StepCore:
     """Assemble a step core from ``(name, tensor, group, decays)`` entries and the options of
     :class:`~zotune.optim.ZOOptimizer` (which documents them). With ``model``, its block table
     decides weight decay (norms and biases exempt) and DiZO's attention targets.
@@ -234,7 +242,7 @@ def build(entries, *, eps: float, method: str, group_lrs, group_weight_decays, s
     if estimator is None:
         always = always_estimated(model) if "cge" in spec and model is not None else None
         estimator = rank_estimator or make_estimator(spec, eps, num_probes, one_sided, kernel,
-                                                     sparsity, always)
+                                                     sparsity, always, rge_mode)
     rule = (make_rule(update or spec["update"], momentum, betas, adam_eps)
             if update is None or isinstance(update, str) else update)
     if bp_layers is None and tail is None:
@@ -271,6 +279,10 @@ def build(entries, *, eps: float, method: str, group_lrs, group_weight_decays, s
         from .models import block_table
 
         table = block_table(model, strict=False)
+    if table is None and model is not None and spec.get("needs_blocks"):
+        raise ValueError(f"method {method!r} needs a model with a block table (an nn.Sequential or a "
+                         f"supported architecture), got {type(model).__name__}; use method 'cge' "
+                         "with sparsity=... for another model")
     if table is not None:
         entries = [(e[0], e[1], e[2], not table.no_weight_decay(e[0]), *e[4:]) for e in entries]
     engine_options = {k: v for k, v in engine_options.items() if v is not None}
@@ -295,11 +307,20 @@ def build(entries, *, eps: float, method: str, group_lrs, group_weight_decays, s
                       "low_precision_probes='keep' to train them anyway", stacklevel=3)
     if hasattr(estimator, "bind"):
         estimator.bind([t.tensor_id for t in eng.layout])
+    if hasattr(estimator, "attach"):  # estimators that read the directions' norms (rge modes)
+        estimator.attach(eng)
     proj = make_projection(spec, projection)
     posts = []
     if proj is not None:
         proj.bind(eng)
         posts.append(ProjectionStep(proj))
+    if mask_redraw_steps is not None:  # DeepZero's periodically redrawn gradient masks
+        if not hasattr(estimator, "redraw"):
+            raise ValueError(f"mask_redraw_steps applies to the coordinate-wise methods (cge, deepzero), "
+                             f"not {method!r}")
+        redraw = MaskRedraw(mask_redraw_steps)
+        redraw.start(estimator, eng.layout, seed)
+        posts.append(redraw)
     core = StepCore(eng, direction, estimator, rule, transforms=transforms, program=program, posts=posts,
                     seed=seed, group_lrs=group_lrs, group_weight_decays=group_weight_decays,
                     schedule=(schedule, warmup_steps, total_steps), defer_update=defer_update,

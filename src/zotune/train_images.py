@@ -35,7 +35,7 @@ from .tasks.images import IMAGE_TASKS, Batches, normalise
 DEFAULTS = {"backprop": {"lr": 0.05}, "mezo": {"lr": 1e-3, "eps": 1e-3},
             "elasticzo": {"lr": 1e-3, "eps": 1e-3, "lr_bp": 0.05},
             "elasticzo-int8": {"lr": 1e-3, "eps": 1e-3, "lr_bp": 0.05},
-            "cge": {"lr": 0.05, "eps": 5e-3}, "deepzero": {"lr": 0.05, "eps": 5e-3},
+            "cge": {"lr": 0.05, "eps": 5e-3}, "deepzero": {"lr": 0.1, "eps": 5e-3},
             "rge": {"lr": 1e-3, "eps": 5e-3}}
 """Image-task defaults by method where ``--lr``/``--eps``/``--lr-bp`` are not given."""
 
@@ -68,21 +68,24 @@ def seeded_model(cfg, data):
     """The run's model, initialised from the run seed (the global RNG is left untouched)."""
     with torch.random.fork_rng():
         torch.manual_seed(rng.mix(cfg.run.seed, 0x4D4F44454C))
-        return build_model(cfg.model.name, data.num_classes, data.in_channels)
+        return build_model(cfg.model.name, data.num_classes, data.in_channels,
+                           width=cfg.model.cnn_width, depth=cfg.model.cnn_depth)
 
 
 def trainer_options(cfg) -> dict:
-    """The options an :class:`~zotune.image_trainers.ImageTrainer` builder receives."""
+    """The options an :class:`~zotune.image_trainers.ImageTrainer` builder receives (those that
+    depend on the run, DeepZero's ratios and schedule, come from ``sparsity.protocol.run_options``)."""
     m = cfg.method
     return {"lr": m.lr, "lr_bp": m.lr_bp, "eps": m.eps, "seed": cfg.run.seed, "bp_layers": m.bp_layers,
             "tail_grad": m.tail_grad, "momentum": m.momentum, "weight_decay": m.weight_decay,
-            "direction": m.direction, "sparsity": m.sparsity, "num_probes": m.num_probes}
+            "direction": m.direction, "sparsity": m.sparsity, "num_probes": m.num_probes,
+            "rge_mode": m.rge_mode}
 
 
-def trainer_for(cfg, model):
-    """The method's trainer on ``model``; a bad option is a one-line error."""
+def trainer_for(cfg, model, extra: dict | None = None):
+    """The method's trainer on ``model`` (``extra`` options on top); a bad option is a one-line error."""
     try:
-        return build_trainer(cfg.method.name, model, trainer_options(cfg))
+        return build_trainer(cfg.method.name, model, {**trainer_options(cfg), **(extra or {})})
     except ValueError as err:
         raise ZotuneError(f"method {cfg.method.name!r}: {err}") from None
 
@@ -111,7 +114,10 @@ def run(cfg, *, resume: bool = False, progress: bool = True) -> dict:
     from .report import plot_curves
     from .train import _peak_rss_gib, _truncate_metrics, _write_json, open_run_directory
 
-    cfg = with_defaults(cfg).resolved()
+    from .sparsity import protocol
+
+    cfg = with_defaults(protocol.with_deepzero_defaults(cfg)).resolved()
+    protocol.check(cfg)
     d, m, r = cfg.data, cfg.method, cfg.run
     out = Path(r.output_dir)
     open_run_directory(out, cfg, resume)
@@ -121,10 +127,13 @@ def run(cfg, *, resume: bool = False, progress: bool = True) -> dict:
     model = seeded_model(cfg, data)
     prog.phase(f"model: {cfg.model.name} ({sum(p.numel() for p in model.parameters()):,} parameters), "
                f"method {m.name}")
-    options = trainer_options(cfg)
-    trainer = trainer_for(cfg, model)
     batches = Batches(data.train_images, data.train_labels, d.task, d.batch_size, r.seed, d.augment)
     steps = d.epochs * batches.steps_per_epoch if d.epochs else r.steps
+    if m.layer_ratios not in (None, "uniform") and not resume:
+        prog.phase(f"layer-wise ratios: {m.layer_ratios} at sparsity {m.sparsity:g}")
+    extra, ratios = protocol.run_options(cfg, model, data, out, resume, steps, batches.steps_per_epoch)
+    options = {**trainer_options(cfg), **extra}
+    trainer = trainer_for(cfg, model, extra)
     tensors = dict(model.state_dict())  # parameters and BN buffers, shared with the model
     metrics = out / "metrics.jsonl"
     state = ImageRunState()
@@ -170,7 +179,8 @@ def run(cfg, *, resume: bool = False, progress: bool = True) -> dict:
                    "time_per_step_s": state.step_time / state.step if state.step else None,
                    "peak_memory_bytes": state.memory.get("peak_bytes"), "memory": state.memory,
                    "peak_rss_gib": _peak_rss_gib(),
-                   "train_examples": len(data.train_images), "test_examples": len(data.test_images)}
+                   "train_examples": len(data.train_images), "test_examples": len(data.test_images),
+                   "layer_ratios": ratios}
         _write_json(out / "summary.json", summary)
         plot_curves(metrics, out / "curves.png", title=f"{d.task} / {cfg.model.name} / {m.name}")
         return summary

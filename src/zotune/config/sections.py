@@ -95,6 +95,16 @@ def _tasks() -> tuple:
     return tuple(list_tasks()) + tuple(IMAGE_TASKS)
 
 
+def _rge_modes() -> tuple:
+    from ..estimators.rge import MODES
+    return MODES
+
+
+def _ratio_methods() -> tuple:
+    from ..sparsity.grasp import RATIO_METHODS
+    return RATIO_METHODS
+
+
 def _kernel_orders() -> tuple:
     from ..estimators.kernel import KERNELS
     return tuple(sorted(KERNELS))
@@ -178,6 +188,11 @@ class ModelConfig:
     lora_alpha: int = setting(16, "LoRA alpha (--trainable lora)")
     prefix_tokens: int = setting(5, "prefix length in tokens (--trainable prefix)")
     max_length: int = setting(2048, "longest sequence in tokens (longer prompts are truncated)")
+    cnn_width: int | None = setting(None, "image tasks, --model cnn: channels of every conv stage "
+                                    "(Fashion-MNIST, depth 2: 8, 19, 36 give 786, 3,734, 12,574 "
+                                    "parameters)", default_text="18", added=True)
+    cnn_depth: int | None = setting(None, "image tasks, --model cnn: conv stages", default_text="2",
+                                    added=True)
 
 
 @component
@@ -308,6 +323,19 @@ class MethodConfig:
     sparsity: float | None = setting(None, "cge/deepzero: fraction of each conv/linear tensor's "
                                      "coordinates not estimated, in [0, 1)",
                                      default_text="the method's (deepzero: 0.9)", added=True)
+    rge_mode: str | None = setting(None, "rge: directions Gaussian, on the unit sphere, or normalised "
+                                   "per tensor (ZO-GraSP's)", choices=_rge_modes,
+                                   default_text="gaussian", added=True)
+    layer_ratios: str | None = setting(None, "cge/deepzero, image tasks: the layer-wise sparsity of "
+                                       "the gradient masks, from ZO-GraSP, first-order GraSP or "
+                                       "uniform at --sparsity", choices=_ratio_methods,
+                                       default_text="deepzero: zo-grasp, cge: uniform", added=True)
+    mask_redraw_epochs: int | None = setting(None, "cge/deepzero, image tasks: redraw the random "
+                                             "gradient masks every N epochs",
+                                             default_text="deepzero: 5, cge: never", added=True)
+    warmup_epochs: int | None = setting(None, "image tasks: epochs of linear learning-rate warm-up "
+                                        "(then --schedule)", default_text="deepzero: 3, else "
+                                        "--warmup-steps", added=True)
     kernel: KernelOptions = field(default_factory=KernelOptions)
     dizo: DiZOOptions = field(default_factory=DiZOOptions)
     pezo: PeZOOptions = field(default_factory=PeZOOptions)
@@ -323,6 +351,8 @@ class MethodConfig:
                 options["bp_layers"] = self.bp_layers
         if self.sparsity is not None:
             options["sparsity"] = self.sparsity
+        if self.rge_mode is not None:
+            options["rge_mode"] = self.rge_mode
         if self.estimator == "kernel" or kernel:
             if self.estimator == "spsa":
                 raise ZotuneError("--estimator spsa conflicts with --kernel-* options")

@@ -56,8 +56,8 @@ class CGE:
     Args:
         eps: the shared step :math:`\\mu` (> 0; DeepZero: 5e-3).
         sparsity: fraction of each maskable tensor's coordinates left out, in [0, 1): one float
-            for all, or ``{tensor name: sparsity}`` (DeepZero's layer-wise ratios; unnamed maskable
-            tensors get 0).
+            for all, or ``{tensor name: sparsity}`` in [0, 1] (DeepZero's layer-wise ratios,
+            ``sparsity/grasp.py``; unnamed maskable tensors get 0).
         always: names of tensors always estimated in full (set by the builder from the model:
             BatchNorm parameters and the head's bias).
     """
@@ -68,10 +68,12 @@ class CGE:
     def __init__(self, eps: float = 5e-3, sparsity: float | dict = 0.0, always=None) -> None:
         if not eps > 0:
             raise ValueError(f"eps must be > 0, got {eps}")
-        values = sparsity.values() if isinstance(sparsity, dict) else [sparsity]
-        for p in values:
-            if not (isinstance(p, (int, float)) and 0.0 <= p < 1.0):
-                raise ValueError(f"sparsity must be in [0, 1), got {p!r}")
+        if isinstance(sparsity, dict):  # layer-wise ratios: a layer may be left out entirely
+            for name, p in sparsity.items():
+                if not (isinstance(p, (int, float)) and 0.0 <= p <= 1.0):
+                    raise ValueError(f"layer-wise sparsity must be in [0, 1], got {p!r} for {name}")
+        elif not (isinstance(sparsity, (int, float)) and 0.0 <= sparsity < 1.0):
+            raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
         self.eps, self.sparsity = float(eps), sparsity
         self.always = None if always is None else set(always)
         self.mask_seed: int | None = None
