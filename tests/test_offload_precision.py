@@ -24,22 +24,21 @@ LOW = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 def reference(transfer=None, storage=None, *, steps=4, family="llama", method="mezo"):
     """In-memory: blocks in ``transfer`` (cast hooks) with fp32 masters; with ``storage="bf16"``
-    the masters start rounded to bf16 and are stochastically rounded after every step with the
-    key of the update the step applied (deferred updates: the offload engine writes a block back
-    after the step's evaluation, which applied the previous step's update)."""
+    the masters start rounded to bf16 and each update, applied at once, is followed by the
+    stochastic rounding of the masters with the update's keys (the offload engine rounds each
+    chunk right after its update, before the perturbation fused into the same sweep)."""
     model, tok = tiny_model(family, seed=3)
     table = block_table(model)
     block_params = {id(p) for j in range(table.num_blocks) for p in table.block_module(model, j).parameters()}
     original = {id(p): p.detach().clone() for p in model.parameters()}
-    hooks = []
     for j in range(table.num_blocks):
         block = table.block_module(model, j)
         if transfer:
             block.to(LOW[transfer])
-        hooks.append(wire.CastToBlockDtype(block))
+        wire.CastToBlockDtype(block)
     scorer = CandidateScorer(model, tok, max_length=64)
-    opt = ZOOptimizer(model, lr=1e-2, eps=1e-2, method=method, engine="in-memory", defer_update=True,
-                      seed=5, low_precision_probes="keep")
+    opt = ZOOptimizer(model, lr=1e-2, eps=1e-2, method=method, engine="in-memory",
+                      defer_update=storage != "bf16", seed=5, low_precision_probes="keep")
     eng = opt.engine
     blocks = [t for t in eng.tensors if id(t.param) in block_params]
     for t in blocks:
@@ -48,23 +47,18 @@ def reference(transfer=None, storage=None, *, steps=4, family="llama", method="m
             start = start.to(torch.bfloat16).float()
         t.master = start.clone()  # the in-memory master arithmetic, on the block tensors only
         t.flat.copy_(t.master)
+    if storage == "bf16":
+        apply = eng.apply
 
-    def round_masters(update):
-        key = wire.sr_key(update)
-        for t in blocks:
-            for c, (s, e) in enumerate(t.chunks):
-                t.master[s:e] = wire.stochastic_round_bf16(t.master[s:e], rng.mix(key, t.tensor_id, c)).float()
-
-    losses = []
-    for s in range(steps):
-        held = eng.pending
-        losses.append(opt.step(lambda b=batch(s): scorer.classification_loss(b)))
-        if storage == "bf16" and held is not None:
-            round_masters(held)
-    held = eng.pending
+        def apply_and_round(update, defer=False):
+            apply(update, defer)
+            key = wire.sr_key(update)
+            for t in blocks:
+                for c, (s, e) in enumerate(t.chunks):
+                    t.master[s:e] = wire.stochastic_round_bf16(t.master[s:e], rng.mix(key, t.tensor_id, c)).float()
+        eng.apply = apply_and_round
+    losses = [opt.step(lambda b=batch(s): scorer.classification_loss(b)) for s in range(steps)]
     opt.flush()
-    if storage == "bf16" and held is not None:
-        round_masters(held)
     params = {}
     for n, p in model.named_parameters():
         t = next((t for t in blocks if t.param is p), None)

@@ -35,6 +35,10 @@ sweeps as in-memory; the embeddings pass and the head pass each run once more pe
 already-computed input (a lookup; ``logits_to_keep`` positions); the objective's loss code runs
 P + 1 times (once to learn its model calls).
 
+Parts: the units (``units.py``), a tied table's rows per point (``rows.py``), the ring of slots
+blocks go through (``slots.py``: CPU threads or CUDA streams), low-precision transfer and storage
+(``wire.py``), an evaluation stopped part-way (``partial.py``); docs/offload.md.
+
 Throughput: :attr:`OffloadEngine.timing` collects per-block transfer and compute time;
 :func:`zotune.engines.throughput.throughput` says which bounds the step and the tokens per step that
 would hide the transfers (research note 9.3).
@@ -57,10 +61,9 @@ from .partial import Pass
 from .slots import BlockStreamer
 from .throughput import Timing, throughput  # noqa: F401  (re-exported)
 from .tiers import CpuTier, DiskTier
-from .units import Unit, build_units, place_resident
+from .units import Unit, build_units, checkpoint_groups, place_resident
 
 OFFLOAD_TO = ("cpu", "disk")
-_Unit = Unit  # the name before units.py
 
 
 class OffloadEngine(InMemoryEngine):
@@ -143,7 +146,8 @@ class OffloadEngine(InMemoryEngine):
         self._streaming = False
         self._by_rows, self._copies, self._rows = False, [], {}
         self.lookup_numbers_drawn = 0.0
-        """Draws of the pre pass's embedding-row lookups (``_rows_at``), beyond ``numbers_drawn``."""
+        """Draws beyond the in-memory engine's (not in ``numbers_drawn``): the pre pass's rows of a tied
+        table (``_rows_at``) and slots re-materialised at a point (``BlockStreamer.materialise``)."""
         self.timing = Timing()
         self.timing.reset(table.num_blocks)
         out = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
@@ -152,7 +156,6 @@ class OffloadEngine(InMemoryEngine):
         # A model call from outside (evaluation, generation) first brings every block up to date.
         self._hook = base.register_forward_pre_hook(self._outside_call)
 
-    # ------------------------------------------------------------------ structure
     @property
     def device(self) -> torch.device:
         return self._compute_device
@@ -172,30 +175,27 @@ class OffloadEngine(InMemoryEngine):
         self.current = point
         self.sweeps += 1
 
-    def _advance(self, unit: _Unit, upto: int) -> None:
+    def _advance(self, unit: Unit, upto: int) -> None:
         """Replay the logged moves ``unit.done:upto`` on the unit's tensors (in place)."""
+        rounds = unit.offloaded and self.streamer.low_storage
         for point, update in self._log[unit.done - self._log_start: upto - self._log_start]:
             jobs = [(ti, c) for ti in unit.tensors for c in range(len(self.tensors[ti].chunks))
                     if self.tensors[ti].role == "zo"
                     or (update is not None and update.touches(ti, self.tensors[ti].role))]
             current = unit.current
-            self.numbers_drawn += sum(self._map(
-                lambda job: self._move_chunk(job[0], job[1], point, update, current), jobs))
-            unit.current, unit.fresh = point, False
-            if update is not None:
-                unit.sr_key = wire.sr_key(update)
-        unit.done = max(unit.done, upto)
 
-    def _materialise(self, unit: Unit) -> None:
-        """A slot filled from a master holds the master: put the unit's current point on it
-        (only when no move has rewritten it since; extra draws, ``lookup_numbers_drawn``)."""
-        if unit.fresh and unit.current and self.streamer.master:
-            for ti in unit.tensors:
-                if self.tensors[ti].role == "zo":
-                    for c in range(len(self.tensors[ti].chunks)):
-                        self.lookup_numbers_drawn += self._move_chunk(ti, c, unit.current, None,
-                                                                      unit.current)
-        unit.fresh = False
+            def job(job, point=point, update=update, current=current):
+                if not (rounds and update is not None):
+                    return self._move_chunk(job[0], job[1], point, update, current)
+                # a low-precision tier: the updated master is rounded to a storage number (keyed
+                # stochastic rounding) before the perturbation, so a write-back at any moment
+                # stores exactly what the rest of the evaluation computes from
+                drawn = self._move_chunk(job[0], job[1], (), update, current)
+                wire.round_chunk(self.tensors[job[0]], job[1], wire.sr_key(update))
+                return drawn + self._move_chunk(job[0], job[1], point, None, ())
+            self.numbers_drawn += sum(self._map(job, jobs))
+            unit.current, unit.fresh = point, False
+        unit.done = max(unit.done, upto)
 
     def _trim(self) -> None:
         low = min(u.done for u in self._units)
@@ -267,8 +267,6 @@ class OffloadEngine(InMemoryEngine):
         self._log_start = 0
         for unit in self._units:
             unit.done, unit.current = 0, self.current
-        for unit, key in zip(self._block_units, state.get("sr_keys", ())):
-            unit.sr_key = int(key)
         if state.get("offload_partial") is not None:
             self.partial = partial.restore(self, state["offload_partial"])
 
@@ -294,7 +292,11 @@ class OffloadEngine(InMemoryEngine):
             state = super().state_dict()
         finally:
             self.partial = run
-        return {**state, "offload_partial": saved, "sr_keys": [u.sr_key for u in self._block_units]}
+        return {**state, "offload_partial": saved}
+
+    def checkpoint_groups(self, params: dict) -> list:
+        """Offloaded blocks for streamed checkpoints, one block at a time (``checkpoint_stream``)."""
+        return checkpoint_groups(self, params)
 
     def close(self) -> None:
         self.streamer.close()
@@ -360,7 +362,7 @@ class OffloadEngine(InMemoryEngine):
                 if not due:
                     continue
                 self._advance(unit, pos)
-                self._materialise(unit)
+                self.streamer.materialise(unit)
                 for c in due:
                     run.hidden[i, c] = streaming.run_block(block, run.hidden[i, c], run.args[c][j])
                     run.through[i, c] = j + 1

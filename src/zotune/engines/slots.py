@@ -30,7 +30,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .wire import write_back
 
 
 @dataclass
@@ -103,15 +102,11 @@ class BlockStreamer:
         self.ring = Ring(3 if (self.threads or (overlap and self.cuda)) else 1)
         self._slots: list[Slot] = []
         self._io = None
-        # per block: (layout tensor index, element offset in the block) and the SR chunks
-        self.offsets, self.sr_chunks = {}, {}
+        self.offsets = {}  # per block: (layout tensor index, element offset in the block)
         for unit in engine._block_units:
             b = self.blocks[unit.block]
             where = {id(p): off for p, off in zip(b.params, b.offsets)}
             self.offsets[unit.block] = [(ti, where[id(engine.tensors[ti].param)]) for ti in unit.tensors]
-            self.sr_chunks[unit.block] = [
-                (off + s, off + e, engine.tensors[ti].tensor_id, c)
-                for ti, off in self.offsets[unit.block] for c, (s, e) in enumerate(engine.tensors[ti].chunks)]
 
     # ------------------------------------------------------------------ slots
     def slots(self) -> list[Slot]:
@@ -141,14 +136,15 @@ class BlockStreamer:
         slot.compute[:n].copy_(master)
 
     def drain(self, slot: Slot, j: int, unit) -> None:
-        """Block ``j`` from ``slot`` back to the tier (the master, stochastically rounded to a
-        low-precision tier; nothing when the master is the tier buffer itself)."""
+        """Block ``j`` from ``slot`` back to the tier (the master; for a low-precision tier an
+        exact cast: the engine rounded the master stochastically when it updated it; nothing when
+        the master is the tier buffer itself)."""
         n = self.blocks[j].numel
         if not self.master:
             self._write(j, slot.compute[:n])
         elif self.low_storage:
             out = self.tier.view(j) if slot.staging is None else slot.staging[:n]
-            write_back(slot.master[:n], out, self.sr_chunks[j], unit.sr_key)
+            out.copy_(slot.master[:n])
             if slot.staging is not None:
                 self._write(j, out)
         elif not self.tier_is_master:
@@ -182,6 +178,18 @@ class BlockStreamer:
                 t = self.engine.tensors[ti]
                 t.master = master[off:off + t.param.numel()]
         unit.fresh = True
+
+    def materialise(self, unit) -> None:
+        """A slot filled from a master holds the master: put the unit's current point on it
+        (only when no move has rewritten it since; extra draws, ``lookup_numbers_drawn``)."""
+        engine = self.engine
+        if unit.fresh and unit.current and self.master:
+            for ti in unit.tensors:
+                if engine.tensors[ti].role == "zo":
+                    for c in range(len(engine.tensors[ti].chunks)):
+                        engine.lookup_numbers_drawn += engine._move_chunk(ti, c, unit.current, None,
+                                                                          unit.current)
+        unit.fresh = False
 
     def rebind(self, unit) -> None:
         """The block's parameters back on their tier storage (no master between uses)."""
@@ -232,7 +240,7 @@ class BlockStreamer:
                     slot = self.slots()[0]
                     self.fill(slot, unit.block)  # on the current stream: ordered with the compute
                     self.bind(slot, unit)
-                    self.engine._materialise(unit)
+                    self.materialise(unit)
 
             def post(module, args, output, unit=unit):
                 if not self.engine._streaming:
@@ -328,8 +336,8 @@ class _Cuda:
         return event
 
     def wait(self, event) -> None:
-        if event is not None:
-            event.synchronize()
+        pass  # the host waits once, in finish(); a fill dropped by a stop is ordered before the
+        # next fill of its slot on the same copy stream
 
     def load(self, k, s, after):
         with torch.cuda.stream(self.copy):

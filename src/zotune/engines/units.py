@@ -18,8 +18,7 @@ from .tiers import BlockParams
 @dataclass
 class Unit:
     """Tensors moved together. ``done``: log position replayed; ``current``: the point they are
-    at; ``sr_key``: the key of the last update replayed (stochastic rounding of a low-precision
-    tier's write-back); ``fresh``: loaded into a slot and not moved since."""
+    at; ``fresh``: loaded into a slot and not moved since."""
 
     name: str
     tensors: list[int]
@@ -27,7 +26,6 @@ class Unit:
     offloaded: bool = False
     done: int = 0
     current: Terms = ()
-    sr_key: int = 0
     fresh: bool = False
 
 
@@ -119,3 +117,38 @@ def place_resident(base, table, device, offload_to: str) -> torch.device:
         for p in table.block_module(base, j).parameters():
             p.data = p.data.cpu()
     return device
+
+
+def checkpoint_groups(engine, params: dict) -> list:
+    """Per offloaded block, ``(names, fetch, commit)`` for ``checkpoint_stream`` (the names of
+    ``params`` that are the block's parameters): ``fetch`` loads the block from the tier into one
+    reusable buffer and returns views of it by name, ``commit`` stores the buffer back and points
+    the parameters at it. Call with every unit caught up (``state_dict`` does)."""
+    tier, groups, scratch = engine.tier, [], {}
+    for unit in engine._block_units:
+        if not unit.offloaded:
+            continue
+        b = engine._blocks[unit.block]
+        where = {id(p): (off, p.shape) for p, off in zip(b.params, b.offsets)}
+        names = [n for n, p in params.items() if id(p) in where]
+        if not names:
+            continue
+
+        def fetch(j=unit.block, names=names, where=where):
+            if tier.kind == "cpu":  # the host buffer itself: no copy
+                flat = tier.view(j)
+            else:
+                size, dtype = max(x.numel for x in engine._blocks), engine.streamer.storage_dtype
+                if scratch.get("buf") is None or scratch["buf"].dtype != dtype:
+                    scratch["buf"] = torch.empty(size, dtype=dtype)
+                flat = tier.load(j, scratch["buf"])
+            scratch["flat"] = flat
+            return {n: flat[where[id(params[n])][0]:][:params[n].numel()].view(where[id(params[n])][1])
+                    for n in names}
+
+        def commit(j=unit.block, unit=unit):
+            if tier.kind != "cpu":
+                tier.store(j, scratch["flat"], {"moves": "checkpoint"})
+            engine.streamer.rebind(unit)
+        groups.append((names, fetch, commit))
+    return groups

@@ -10,8 +10,9 @@ Two options, independent of the model's own dtype (fp32 here):
   one bf16 ulp accumulate instead of being rounded away (ZO2's AMP mode rounds them away:
   research/zo2_distzo2.md section 6).
 * ``storage_dtype="bf16"``: the tier holds bf16 (half the bytes on disk and on the link). A block
-  is loaded into an fp32 working master (exact upcast), moved and updated there, and written back
-  with **stochastic rounding**: per element, with ``u`` the 16 bits a bf16 cast drops,
+  is loaded into an fp32 working master (exact upcast) and moved there; each update applied to it
+  is followed, chunk by chunk and before the perturbation of the same sweep, by **stochastic
+  rounding** of the master to bf16 numbers: per element, with ``u`` the 16 bits a bf16 cast drops,
 
   .. math:: \mathrm{SR}(x) = \lfloor x \rfloor_{\text{bf16}} \text{ with probability } 1 - u/2^{16},
             \text{ else the next bf16 away from zero},
@@ -19,10 +20,11 @@ Two options, independent of the model's own dtype (fp32 here):
   so :math:`E[\mathrm{SR}(x)] = x`: an update smaller than an ulp moves the stored value with the
   probability that makes it right on average (Gupta et al., 2015, "Deep learning with limited
   numerical precision"). The 16 random bits of each chunk come from a key
-  ``mix(SR_TAG, the block's last update, tensor id, chunk)`` (``zotune.rng``), so a run is
-  reproducible and a resumed run rounds exactly as the uninterrupted one. A value that is already
-  a bf16 number is stored exactly whatever the key (adding fewer than 2^16 to zero low bits never
-  carries), so writing back an unchanged block changes nothing.
+  ``mix(SR_TAG, the update's step and first direction key, tensor id, chunk)`` (``zotune.rng``),
+  so a run is reproducible and a resumed run rounds exactly as the uninterrupted one. Because the
+  master always holds bf16 numbers after an update, a write-back is an exact cast at any moment
+  (also in the middle of an evaluation stopped by Ctrl-C), and the probes of a step are computed
+  from exactly what the tier will hold.
 
 Losses stay fp32: the blocks' inputs are cast to the block's dtype when it is called and its
 output back to the caller's dtype (:class:`CastToBlockDtype`), so the embeddings, final norm,
@@ -86,15 +88,13 @@ def stochastic_round_bf16(x: torch.Tensor, key: int, out: torch.Tensor | None = 
     return low if out is None else out.copy_(low)
 
 
-def write_back(master: torch.Tensor, out: torch.Tensor, chunks, key: int) -> torch.Tensor:
-    """``master`` (fp32, flat) into ``out`` (the tier's dtype): stochastically rounded on the
-    ``chunks`` (``(start, stop, tensor id, chunk)`` of the block's layout tensors, key ``key``),
-    cast elsewhere (tensors nobody trains: their values are already storage numbers)."""
-    out.copy_(master)
-    if out.dtype == torch.bfloat16 and master.dtype == torch.float32:
-        for s, e, tensor_id, c in chunks:
-            stochastic_round_bf16(master[s:e], rng.mix(key, tensor_id, c), out[s:e])
-    return out
+def round_chunk(t, c: int, key: int) -> None:
+    """Round chunk ``c`` of layout tensor ``t``'s fp32 master to bf16 numbers in place,
+    stochastically, with the chunk's key ``mix(key, tensor id, chunk)`` (``key``: the update's
+    :func:`sr_key`)."""
+    s, e = t.chunks[c]
+    m = t.master[s:e]
+    m.copy_(stochastic_round_bf16(m, rng.mix(key, t.tensor_id, c)))
 
 
 def _cast(value, dtype):
