@@ -72,6 +72,7 @@ def load(path, targets: dict[str, torch.Tensor], groups=(), check=None) -> None:
                     check(name, value)
                 with torch.no_grad():
                     targets[name].copy_(value)
+                del value  # before the next one is read
         for names, fetch, commit in groups:
             views = fetch()
             for name in names:
@@ -79,4 +80,5 @@ def load(path, targets: dict[str, torch.Tensor], groups=(), check=None) -> None:
                 if check is not None:
                     check(name, value)
                 views[name].copy_(value)
+                del value
             commit()

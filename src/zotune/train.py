@@ -65,8 +65,9 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def build(cfg: TrainConfig, task):
-    """Model, tokenizer, scorer and trainable parameters for a run."""
+def build(cfg: TrainConfig, task, *, engine_places: bool = False):
+    """Model, tokenizer, scorer and trainable parameters for a run (``engine_places``: the
+    offload engine moves what stays resident to a CUDA device itself; the blocks stay on the host)."""
     from .models import load_model, select_trainable, trainable_parameters
     from .objectives import CandidateScorer
 
@@ -74,7 +75,7 @@ def build(cfg: TrainConfig, task):
     prog.phase(f"loading the model: {m.name} ({m.dtype}, {m.trainable} parameters train)")
     model, tokenizer = load_model(m.name, dtype=DTYPES[m.dtype])
     device = resolve_device(m.device)
-    if not (cfg.engine.name == "offload" and device.type == "cuda"):  # offload: the engine places it
+    if not (engine_places and device.type == "cuda"):
         model.to(device)
     model = select_trainable(model, m.trainable, pattern=m.pattern, lora_r=m.lora_r,
                              lora_alpha=m.lora_alpha, prefix_tokens=m.prefix_tokens, seed=cfg.run.seed)
@@ -234,7 +235,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
     data = task.load(d.data_dir, num_train=d.num_train, num_dev=d.num_dev, num_test=d.num_test,
                      seed=d.data_seed, skip_bad_rows=d.skip_bad_rows)
     dev = data.dev[: d.eval_dev] if d.eval_dev else data.dev
-    model, _, scorer, params = build(cfg, task)
+    model, _, scorer, params = build(cfg, task, engine_places=cfg.engine.name == "offload")
     loss_of = objective_fn(cfg, task, scorer)
     try:
         opt = ZOOptimizer(list(params.items()), lr=method.lr, eps=method.eps, method=method.name,
