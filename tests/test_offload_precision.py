@@ -179,3 +179,26 @@ def test_bad_precision_options_get_clear_errors():
     with pytest.raises(ZotuneError, match="keep an fp32 master of the blocks; this model is torch.bfloat16"):
         ZOOptimizer(model, engine="offload", transfer_dtype="fp16")
     ZOOptimizer(model, engine="offload", transfer_dtype="bf16", low_precision_probes="keep")  # its own dtype
+
+
+def test_zotune_train_with_a_bf16_tier_resumes_bitwise(tiny_dir, data_dir, tmp_path, capsys):
+    """Through the CLI: --transfer-dtype/--storage-dtype, checkpoints streamed from the bf16 tier
+    (bf16 block tensors in the file), a resumed run equal to the straight one."""
+    from test_train_cli import final_params, losses, run, train_args
+
+    flags = ["--engine", "offload", "--offload-to", "disk", "--transfer-dtype", "bf16",
+             "--storage-dtype", "bf16"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert run(train_args(tiny_dir, data_dir, straight, 4, *flags, "--offload-dir", tmp_path / "t1")) == 0
+    assert run(train_args(tiny_dir, data_dir, resumed, 2, *flags, "--offload-dir", tmp_path / "t2")) == 0
+    assert run(train_args(tiny_dir, data_dir, resumed, 4, "--resume", *flags,
+                          "--offload-dir", tmp_path / "t3")) == 0
+    a, b = final_params(straight), final_params(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert losses(straight) == losses(resumed)
+    assert {v.dtype for k, v in a.items() if ".layers." in k} == {torch.bfloat16}
+    capsys.readouterr()
+    assert run(train_args(tiny_dir, data_dir, tmp_path / "bad", 2, "--engine", "offload",
+                          "--transfer-dtype", "int8")) == 2
+    err = capsys.readouterr().err
+    assert "int8" in err and "fp32, bf16, fp16" in err
