@@ -15,8 +15,14 @@ hold the model) and fsync on. Reports the step times, each process's peak reside
 training (high-water mark reset after setup, through /proc/self/clear_refs), the disk bytes read
 per step against the lower bound (every block once), and this disk's read and write speeds.
 
+``precision``: SmolLM2-135M through the offload engine with the blocks in fp32, computed in bf16
+from an fp32 master (``transfer_dtype``), and stored in bf16 (``storage_dtype``, on the disk tier:
+half the bytes read and written), one step each in turn, medians; the step time, the tier's bytes
+per step and how far each run's losses are from the fp32 run's.
+
     python benchmarks/offload.py smollm --data-dir ../shared/data
     python benchmarks/offload.py big --data-dir ../shared/data --dir /tmp/zotune-offload
+    python benchmarks/offload.py precision --data-dir ../shared/data --batch 8 --steps 3
 """
 from __future__ import annotations
 
@@ -92,6 +98,52 @@ def smollm(args) -> dict:
     if not out["losses_equal"]:
         raise SystemExit(f"engines disagree: {losses}")
     return out
+
+
+# ----------------------------------------------------------------------------- precision
+def precision(args) -> dict:
+    from zotune.models import load_model
+    from zotune.objectives import CandidateScorer
+    from zotune.optim import ZOOptimizer
+
+    torch.set_num_threads(1)
+    batch = sst2(args.data_dir, args.batch)
+    tier = Path(args.dir or tempfile.mkdtemp(prefix="zotune-offload-"))
+    cpu, disk = {"offload_to": "cpu"}, {"offload_to": "disk", "page_cache": False}
+    setups = {"cpu-fp32": cpu, "cpu-transfer-bf16": {**cpu, "transfer_dtype": "bf16"},
+              "disk-fp32": {**disk, "offload_dir": tier / "fp32"},
+              "disk-storage-bf16": {**disk, "offload_dir": tier / "bf16", "storage_dtype": "bf16"},
+              "disk-storage-bf16-transfer-bf16": {**disk, "offload_dir": tier / "bf16t",
+                                                  "storage_dtype": "bf16", "transfer_dtype": "bf16"}}
+    runs = {}
+    for name, options in setups.items():
+        model, tok = load_model("smollm2-135m")
+        scorer = CandidateScorer(model, tok, max_length=256)
+        opt = ZOOptimizer(model, lr=1e-6, eps=1e-3, seed=0, defer_update=True, engine="offload",
+                          low_precision_probes="keep", **options)
+        runs[name] = (opt, scorer)
+    times = {name: [] for name in runs}
+    losses = {name: [] for name in runs}
+    read0 = {}
+    for step in range(args.steps + 1):  # step 0 warms up
+        for name, (opt, scorer) in runs.items():
+            if step == 1:
+                read0[name] = (opt.engine.tier.bytes_read, opt.engine.tier.bytes_written)
+            start = time.perf_counter()
+            losses[name].append(opt.step(lambda s=scorer: s.classification_loss(batch)))
+            if step:
+                times[name].append(time.perf_counter() - start)
+    base = statistics.median(times["cpu-fp32"])
+    ref = losses["cpu-fp32"]
+    return {"model": "smollm2-135m", "batch": args.batch, "steps": args.steps, "loadavg": loadavg(),
+            "median_s": {n: statistics.median(t) for n, t in times.items()},
+            "ratio_to_cpu_fp32": {n: statistics.median(t) / base for n, t in times.items()},
+            "tier_bytes_read_per_step": {n: (runs[n][0].engine.tier.bytes_read - read0[n][0]) / args.steps
+                                         for n in runs},
+            "tier_bytes_written_per_step": {n: (runs[n][0].engine.tier.bytes_written - read0[n][1]) / args.steps
+                                            for n in runs},
+            "max_loss_difference_to_fp32": {n: max(abs(a - b) for a, b in zip(l, ref)) for n, l in losses.items()},
+            "losses": losses}
 
 
 # ----------------------------------------------------------------------------- big
@@ -216,7 +268,7 @@ def big(args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("part", choices=("smollm", "big"))
+    parser.add_argument("part", choices=("smollm", "big", "precision"))
     parser.add_argument("--data-dir", default=os.environ.get("ZOTUNE_DATA", ROOT.parent / "shared" / "data"))
     parser.add_argument("--dir", default=None, help="directory for the disk tier")
     parser.add_argument("--steps", type=int, default=5, help="measured steps per engine (after one warm-up)")
@@ -229,7 +281,7 @@ def main() -> None:
         return
     if args.part == "big" and not args.dir:
         parser.error("big needs --dir (room for 7 GB)")
-    result = smollm(args) if args.part == "smollm" else big(args)
+    result = {"smollm": smollm, "big": big, "precision": precision}[args.part](args)
     print(json.dumps(result, indent=1))
 
 

@@ -2,8 +2,7 @@
 
 Every test trains tiny models (2 blocks, d=32) for a few steps through zotune's objectives (the
 candidate scorer), once per engine, and compares the losses and every parameter with
-``torch.equal``. CUDA code paths do not exist in this version (the engine refuses a CUDA model
-with a one-line error), so nothing here needs a GPU.
+``torch.equal``. Nothing here needs a GPU (the CUDA path: tests/test_offload_slots.py).
 """
 from __future__ import annotations
 

@@ -39,8 +39,9 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
 
+from . import checkpoint_stream
 from .errors import ZotuneError
 
 
@@ -53,7 +54,7 @@ _STEP = re.compile(r"^step-(\d+)$")
 
 
 def _write_dir(final: Path, params: dict[str, torch.Tensor], state: dict,
-               optimizer_state: dict | None, share: Path | None = None) -> None:
+               optimizer_state: dict | None, share: Path | None = None, groups=()) -> None:
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -64,8 +65,8 @@ def _write_dir(final: Path, params: dict[str, torch.Tensor], state: dict,
             linked = True
         except OSError:  # no hard links on this filesystem (or across filesystems): a copy
             pass
-    if not linked:
-        save_file({k: v.detach().contiguous().cpu() for k, v in params.items()}, str(tmp / PARAMS))
+    if not linked:  # one tensor (or one offloaded block: ``groups``) at a time
+        checkpoint_stream.save(tmp / PARAMS, params, groups)
     if optimizer_state is not None:
         torch.save(optimizer_state, tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
@@ -88,17 +89,18 @@ def _step_of(path: Path) -> int | None:
 
 
 def save(run_dir: Path, step: int, params: dict[str, torch.Tensor], state: dict,
-         optimizer_state: dict, *, keep: int = 2, share: Path | None = None) -> Path:
+         optimizer_state: dict, *, keep: int = 2, share: Path | None = None, groups=()) -> Path:
     """Write checkpoint ``step`` and point ``latest`` at it; then keep it and the ``keep - 1``
     checkpoints before it and drop the others (also any after it: the leftovers of a run resumed
     from an older checkpoint). ``share``: a parameter file holding exactly ``params`` (``best/``'s,
-    just written), hard-linked instead of written again."""
+    just written), hard-linked instead of written again. ``groups``: parameters streamed from an
+    offload tier block by block (``checkpoint_stream``)."""
     if not (isinstance(keep, int) and keep >= 1):
         raise ValueError(f"keep must be an integer >= 1, got {keep!r}")
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
-    _write_dir(final, params, state, optimizer_state, share)
+    _write_dir(final, params, state, optimizer_state, share, groups)
     pointer = root / "latest.tmp"
     pointer.write_text(final.name)
     os.replace(pointer, root / "latest")
@@ -111,11 +113,11 @@ def save(run_dir: Path, step: int, params: dict[str, torch.Tensor], state: dict,
     return final
 
 
-def save_best(run_dir: Path, params: dict[str, torch.Tensor], state: dict) -> Path:
+def save_best(run_dir: Path, params: dict[str, torch.Tensor], state: dict, groups=()) -> Path:
     """Replace the best-dev parameters (no optimizer state: they are for evaluation; in the
     parameters' own dtype, so that evaluating them gives the logged numbers exactly)."""
     final = Path(run_dir) / "best"
-    _write_dir(final, params, state, None)
+    _write_dir(final, params, state, None, groups=groups)
     return final
 
 
@@ -166,7 +168,8 @@ def latest(run_dir: Path) -> Path | None:
     return found[0]
 
 
-def load_latest(run_dir: Path, model_params: dict[str, torch.nn.Parameter]) -> tuple[dict, dict | None]:
+def load_latest(run_dir: Path, model_params: dict[str, torch.nn.Parameter],
+                groups=()) -> tuple[dict, dict | None]:
     """:func:`load` the newest checkpoint of a run that reads; when the newest does not, fall
     back to the one before it (``run.keep_checkpoints``) with a warning. When none reads, the
     newest's error."""
@@ -177,7 +180,7 @@ def load_latest(run_dir: Path, model_params: dict[str, torch.nn.Parameter]) -> t
     first_error = None
     for i, path in enumerate(found):
         try:
-            loaded = load(path, model_params)
+            loaded = load(path, model_params, groups)
         except CheckpointError as exc:
             first_error = first_error or exc
             if i + 1 < len(found):
@@ -217,26 +220,32 @@ def clean(run_dir: Path) -> list[str]:
     return done
 
 
-def load(path: Path, model_params: dict[str, torch.nn.Parameter]) -> tuple[dict, dict | None]:
-    """Copy a checkpoint's parameters into ``model_params``; return (state, optimizer state)."""
+def load(path: Path, model_params: dict[str, torch.nn.Parameter], groups=()) -> tuple[dict, dict | None]:
+    """Copy a checkpoint's parameters into ``model_params``, one tensor (or one offloaded block:
+    ``groups``) at a time; return (state, optimizer state)."""
     path = Path(path)
     try:
-        tensors = load_file(str(path / "trainable.safetensors"))
+        with safe_open(str(path / PARAMS), "pt") as f:
+            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
         state = json.loads((path / "state.json").read_text())
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type on corrupt files
         raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from None
-    missing = sorted(set(model_params) - set(tensors))
-    extra = sorted(set(tensors) - set(model_params))
+    missing = sorted(set(model_params) - set(shapes))
+    extra = sorted(set(shapes) - set(model_params))
     if missing or extra:
         raise CheckpointError(
             f"checkpoint {path} does not match the model's trainable parameters: "
             f"{len(missing)} missing (e.g. {missing[:2]}), {len(extra)} unexpected (e.g. {extra[:2]})")
     for name, p in model_params.items():
-        if tensors[name].shape != p.shape:
-            raise CheckpointError(f"checkpoint {path}: {name} has shape {tuple(tensors[name].shape)},"
+        if shapes[name] != tuple(p.shape):
+            raise CheckpointError(f"checkpoint {path}: {name} has shape {shapes[name]},"
                                   f" the model has {tuple(p.shape)}")
-        with torch.no_grad():
-            p.copy_(tensors[name])
+    try:
+        checkpoint_stream.load(path / PARAMS, model_params, groups)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a file truncated after its header
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from None
     opt_path = path / "optimizer.pt"
     optimizer_state = None
     if opt_path.exists():

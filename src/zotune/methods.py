@@ -84,7 +84,8 @@ PROBE_COVERAGE_THRESHOLD = 0.5
 (``low_precision_probes="exclude"``): its ulp exceeds eps |z| almost everywhere, so its finite
 differences measure nothing and its update would be a random walk (docs/design.md)."""
 
-OFFLOAD_OPTIONS = ("offload_to", "offload_dir", "resident_blocks", "overlap", "fsync", "page_cache")
+OFFLOAD_OPTIONS = ("offload_to", "offload_dir", "resident_blocks", "overlap", "fsync", "page_cache",
+                   "transfer_dtype", "storage_dtype", "device")
 """Options of ``engine="offload"`` (``engines/offload.py``), passed to the engine as given."""
 OPTIONS = ("seed", "direction", "num_probes", "one_sided", "momentum", "betas", "adam_eps", "schedule",
            "warmup_steps", "total_steps", "defer_update", "estimator", "update", "kernel", "projection",

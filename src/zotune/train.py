@@ -65,15 +65,18 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def build(cfg: TrainConfig, task):
-    """Model, tokenizer, scorer and trainable parameters for a run."""
+def build(cfg: TrainConfig, task, *, engine_places: bool = False):
+    """Model, tokenizer, scorer and trainable parameters for a run (``engine_places``: the
+    offload engine moves what stays resident to a CUDA device itself; the blocks stay on the host)."""
     from .models import load_model, select_trainable, trainable_parameters
     from .objectives import CandidateScorer
 
     m = cfg.model
     prog.phase(f"loading the model: {m.name} ({m.dtype}, {m.trainable} parameters train)")
     model, tokenizer = load_model(m.name, dtype=DTYPES[m.dtype])
-    model.to(resolve_device(m.device))
+    device = resolve_device(m.device)
+    if not (engine_places and device.type == "cuda"):
+        model.to(device)
     model = select_trainable(model, m.trainable, pattern=m.pattern, lora_r=m.lora_r,
                              lora_alpha=m.lora_alpha, prefix_tokens=m.prefix_tokens, seed=cfg.run.seed)
     model.eval()
@@ -232,7 +235,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
     data = task.load(d.data_dir, num_train=d.num_train, num_dev=d.num_dev, num_test=d.num_test,
                      seed=d.data_seed, skip_bad_rows=d.skip_bad_rows)
     dev = data.dev[: d.eval_dev] if d.eval_dev else data.dev
-    model, _, scorer, params = build(cfg, task)
+    model, _, scorer, params = build(cfg, task, engine_places=cfg.engine.name == "offload")
     loss_of = objective_fn(cfg, task, scorer)
     try:
         opt = ZOOptimizer(list(params.items()), lr=method.lr, eps=method.eps, method=method.name,
@@ -241,11 +244,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
                           schedule=method.schedule, warmup_steps=method.warmup_steps,
                           total_steps=r.steps, defer_update=cfg.engine.defer_update, model=model,
                           **method.optimizer_options(), **cfg.engine.engine_options(),
+                          **({"device": resolve_device(cfg.model.device)} if cfg.engine.name == "offload" else {}),
                           **ranks.current().optimizer_options())
     except ValueError as err:
         raise ZotuneError(f"method {method.name!r}: {err}") from None
     rank = ranks.current()
     rank.check_optimizer(opt)
+    # an offloaded model's checkpoints stream block by block from its tier (checkpoint_stream.py)
+    groups = lambda: getattr(opt.engine, "checkpoint_groups", lambda _: ())(params)  # noqa: E731
     scorer.runner.device = opt.engine.device  # the one place the model is called runs where the engine says
     for name in opt.excluded:
         print(f"note: {name} is not trained: {opt.engine.layout.spec(name).reason}", file=sys.stderr)
@@ -257,7 +263,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
     state = RunState()
     metrics_path = out / "metrics.jsonl"
     if resume:
-        saved_state, opt_state = checkpoint.load_latest(out, params)  # the one before if unreadable
+        saved_state, opt_state = checkpoint.load_latest(out, params, groups())  # the one before if unreadable
         opt.load_state_dict(opt_state)
         state = RunState(**saved_state)
         _write_json(out / "config.json", cfg.saved())  # only now: a refused resume leaves it as it was
@@ -312,7 +318,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
         with prog.timed(report.checkpoint_time):
             if rank.is_writer:  # written once, by rank 0 (every rank holds the same state)
                 checkpoint.save(out, state.step, params, dataclasses.asdict(state), opt.state_dict(),
-                                keep=r.keep_checkpoints, share=share)
+                                keep=r.keep_checkpoints, share=share, groups=groups())
         saved_at = state.step
 
     def dev_evaluation() -> None:
@@ -325,7 +331,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
         with signals.deferred():  # best/, the state, the log line and the checkpoint agree
             best = None
             if state.best_dev is None or value > state.best_dev:
-                best = checkpoint.save_best(out, params, {"step": state.step, "dev": value})
+                best = checkpoint.save_best(out, params, {"step": state.step, "dev": value}, groups())
                 state.best_dev, state.best_step = value, state.step
             state.last_dev, state.eval_due = value, False
             _log(metrics_path, {"step": state.step, "dev": value})
@@ -431,7 +437,7 @@ def _finish(out, cfg, state, opt, task, scorer, data, params, start_time, status
     state.wall_time = time.perf_counter() - start_time
     test = None
     if final_eval and (out / "best").exists() and ranks.current().is_writer:
-        checkpoint.load(out / "best", params)
+        checkpoint.load(out / "best", params, getattr(opt.engine, "checkpoint_groups", lambda _: ())(params))
         prog.phase(f"test evaluation of the best-dev parameters (step {state.best_step}) on "
                    f"{len(data.test)} examples")
         test = evaluate(scorer, task, data.test, cfg.data.eval_batch_size, desc="test")

@@ -419,6 +419,13 @@ class EngineConfig:
                                       resume=FREE, default_text="none", added=True)
     resident_blocks: int = setting(0, "blocks kept resident, never offloaded (--engine offload)",
                                    resume=FREE, added=True)
+    # These change the numbers (bf16 compute, stochastic rounding): a resumed run keeps them.
+    transfer_dtype: str = setting("fp32", "dtype the offloaded blocks travel and compute in "
+                                  "(--engine offload): fp32, or bf16/fp16 with the fp32 master "
+                                  "kept in the tier", choices=("fp32", "bf16", "fp16"), added=True)
+    storage_dtype: str = setting("fp32", "dtype of the offload tier (--engine offload): fp32, or "
+                                 "bf16 (half the bytes; each update stochastically rounded)",
+                                 choices=("fp32", "bf16"), added=True)
     # Distributed (docs/distributed.md): every mode and world size reads the same checkpoints.
     parallel: str = setting("none", "distribute the step over the ranks of torchrun: ddp (each rank "
                             "its share of the batch), pertp (each rank its share of the probe "
@@ -435,7 +442,9 @@ class EngineConfig:
         if self.name != "offload":
             return {}
         return {"engine": "offload", "offload_to": self.offload_to, "offload_dir": self.offload_dir,
-                "resident_blocks": self.resident_blocks}
+                "resident_blocks": self.resident_blocks,  # fp32: the model's own dtype
+                "transfer_dtype": None if self.transfer_dtype == "fp32" else self.transfer_dtype,
+                "storage_dtype": None if self.storage_dtype == "fp32" else self.storage_dtype}
 
 
 def _engines():

@@ -35,6 +35,10 @@ sweeps as in-memory; the embeddings pass and the head pass each run once more pe
 already-computed input (a lookup; ``logits_to_keep`` positions); the objective's loss code runs
 P + 1 times (once to learn its model calls).
 
+Parts: the units (``units.py``), a tied table's rows per point (``rows.py``), the ring of slots
+blocks go through (``slots.py``: CPU threads or CUDA streams), low-precision transfer and storage
+(``wire.py``), an evaluation stopped part-way (``partial.py``); docs/offload.md.
+
 Throughput: :attr:`OffloadEngine.timing` collects per-block transfer and compute time;
 :func:`zotune.engines.throughput.throughput` says which bounds the step and the tokens per step that
 would hide the transfers (research note 9.3).
@@ -42,9 +46,6 @@ would hide the transfers (research note 9.3).
 from __future__ import annotations
 
 import contextlib
-import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import torch
 
@@ -53,38 +54,16 @@ from ..directions import Direction
 from ..errors import ZotuneError
 from ..models.blocks import block_table, unwrap
 from ..plan import ProbePlan, Terms
-from . import streaming
+from . import partial, rows, streaming, wire
 from .base import MicroBatches, Update, check_update
 from .in_memory import InMemoryEngine
+from .partial import Pass
+from .slots import BlockStreamer
 from .throughput import Timing, throughput  # noqa: F401  (re-exported)
-from .tiers import BlockParams, CpuTier, DiskTier
+from .tiers import CpuTier, DiskTier
+from .units import Unit, build_units, checkpoint_groups, place_resident
 
 OFFLOAD_TO = ("cpu", "disk")
-
-
-@dataclass
-class _Unit:
-    """Tensors moved together: the embeddings (``pre``), the post-block modules (``post``), the
-    tensors used on both sides (``shared``), or one block. ``done``: log position replayed."""
-
-    name: str
-    tensors: list[int]
-    block: int | None = None
-    offloaded: bool = False
-    done: int = 0
-    current: Terms = ()
-
-
-class _RowLookup(torch.nn.Module):
-    """Stands in for an embedding table in the pre pass: ``rows(unique ids)`` gathered."""
-
-    def __init__(self, rows) -> None:
-        super().__init__()
-        self.rows = rows
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        unique, inverse = torch.unique(ids, return_inverse=True)
-        return self.rows(unique)[inverse]
 
 
 class OffloadEngine(InMemoryEngine):
@@ -100,6 +79,11 @@ class OffloadEngine(InMemoryEngine):
         fsync: ``fsync`` each block file written (disk tier).
         page_cache: ``False`` evicts the disk tier's pages after each read and write
             (:class:`~zotune.engines.tiers.DiskTier`).
+        transfer_dtype: ``"bf16"``/``"fp16"``: blocks travel and compute in it, an fp32 master
+            stays in the tier; storage_dtype: ``"bf16"``: the tier stores bf16, written back
+            with keyed stochastic rounding (``engines/wire.py``). Default: the model's dtype.
+        device: the compute device (default: the model's); ``"cuda"`` with ``offload_to="cpu"``
+            keeps the blocks in pinned host memory and moves everything else to the GPU.
     """
 
     needs_model = True
@@ -107,7 +91,8 @@ class OffloadEngine(InMemoryEngine):
     def __init__(self, tensors, direction: Direction, *, chunk_size: int = rng.DEFAULT_CHUNK_SIZE,
                  master_weights="auto", threads=None, rng_device=None, model=None,
                  offload_to: str = "cpu", offload_dir=None, resident_blocks: int = 0,
-                 overlap: bool = True, fsync: bool = True, page_cache: bool = True) -> None:
+                 overlap: bool = True, fsync: bool = True, page_cache: bool = True,
+                 transfer_dtype=None, storage_dtype=None, device=None) -> None:
         if model is None:
             raise ZotuneError("engine 'offload' needs the model: ZOOptimizer(model, engine='offload', ...) "
                               "or model=model")
@@ -122,30 +107,47 @@ class OffloadEngine(InMemoryEngine):
         if not 0 <= int(resident_blocks) <= table.num_blocks:
             raise ZotuneError(f"resident_blocks must be between 0 and {table.num_blocks}, "
                               f"got {resident_blocks}")
+        base = unwrap(model)
+        model_dtype = next(base.parameters()).dtype
+        transfer = wire.parse_dtype(transfer_dtype, "transfer_dtype", wire.TRANSFER_DTYPES) or model_dtype
+        storage = wire.parse_dtype(storage_dtype, "storage_dtype", wire.STORAGE_DTYPES) or model_dtype
+        if (transfer, storage) != (model_dtype, model_dtype) and model_dtype != torch.float32:
+            raise ZotuneError(f"transfer_dtype/storage_dtype keep an fp32 master of the blocks; "
+                              f"this model is {model_dtype}: load it in fp32 (--dtype fp32)")
+        self._compute_device = place_resident(base, table, device, offload_to)
+        if rng_device is None:
+            rng_device = self._compute_device.type
         super().__init__(tensors, direction, chunk_size=chunk_size, master_weights=master_weights,
                          threads=threads, rng_device=rng_device)
         self.model, self.table = model, table
         self.offload_to, self.overlap = offload_to, bool(overlap)
         self.resident_blocks = int(resident_blocks)
-        base = unwrap(model)
-        self._compute_device = next(base.parameters()).device
-        if self._compute_device.type != "cpu":
-            raise ZotuneError("engine 'offload' computes on CPU in this version (the CUDA slot "
-                              "pipeline is not written yet); use --device cpu")
-        self._units, self._blocks = self._build_units(base)
-        offloaded = [b for b in self._blocks if b.index >= self.resident_blocks]
+        self.transfer_dtype, self.storage_dtype = transfer, storage
+        self._units, self._blocks = build_units(self, base)
+        offloaded = [wire.stored_as(b, storage) for b in self._blocks if b.index >= self.resident_blocks]
         if offload_to == "cpu":
-            self.tier = CpuTier(offloaded, pin=False)
+            self.tier = CpuTier(offloaded, pin=self._compute_device.type == "cuda")
         else:
             self.tier = DiskTier(offload_dir, offloaded, fsync=fsync, page_cache=page_cache)
+        master = (transfer, storage) != (model_dtype, model_dtype)
+        self._casts = []
+        if master:  # the tier (or a slot) holds the block's master: no second copy of it
+            for unit in self._block_units:
+                if unit.offloaded:
+                    for ti in unit.tensors:
+                        self.tensors[ti].master = None
+            self._casts = [wire.CastToBlockDtype(table.block_module(base, j))
+                           for j in range(table.num_blocks)]
+        self.streamer = BlockStreamer(self, overlap=self.overlap, compute_dtype=transfer,
+                                      master=master, storage_dtype=storage)
+        self._casts += self.streamer.outside_calls(base, table)
         self._log: list[tuple[Terms, Update | None]] = []
         self._log_start = 0  # absolute position of _log[0]
-        self._slots: list[torch.Tensor] = []
-        self._io: tuple[ThreadPoolExecutor, ThreadPoolExecutor] | None = None
         self._streaming = False
-        self._by_rows, self._snapshots, self._copies, self._rows = False, [], [], {}
+        self._by_rows, self._copies, self._rows = False, [], {}
         self.lookup_numbers_drawn = 0.0
-        """Draws of the pre pass's embedding-row lookups (``_rows_at``), beyond ``numbers_drawn``."""
+        """Draws beyond the in-memory engine's (not in ``numbers_drawn``): the pre pass's rows of a tied
+        table (``_rows_at``) and slots re-materialised at a point (``BlockStreamer.materialise``)."""
         self.timing = Timing()
         self.timing.reset(table.num_blocks)
         out = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
@@ -153,61 +155,6 @@ class OffloadEngine(InMemoryEngine):
         self._logit_dtype = out.weight.dtype if out is not None else torch.float32
         # A model call from outside (evaluation, generation) first brings every block up to date.
         self._hook = base.register_forward_pre_hook(self._outside_call)
-
-    # ------------------------------------------------------------------ structure
-    def _build_units(self, base):
-        table = self.table
-        side: dict[int, set] = {}
-        for path in table.embeddings:
-            for p in base.get_submodule(path).parameters():
-                side.setdefault(id(p), set()).add("pre")
-        for path in (table.final_norm, table.head):
-            if path:
-                for p in base.get_submodule(path).parameters():
-                    side.setdefault(id(p), set()).add("post")
-        blocks, owner = [], {}
-        for j in range(table.num_blocks):
-            named, seen = [], set()
-            for name, p in table.block_module(base, j).named_parameters():
-                if id(p) in owner and owner[id(p)] != j:
-                    raise ZotuneError(f"parameter {name!r} is shared between blocks {owner[id(p)]} and "
-                                      f"{j}; engine 'offload' streams blocks with their own parameters")
-                if id(p) in side:
-                    raise ZotuneError(f"parameter {name!r} of block {j} is also used outside the blocks; "
-                                      "engine 'offload' cannot stream it")
-                if id(p) not in seen:
-                    seen.add(id(p))
-                    owner[id(p)] = j
-                    named.append((name, p))
-            blocks.append(BlockParams(j, named))
-        units = {name: _Unit(name, []) for name in ("pre", "post", "shared")}
-        block_units = [_Unit(f"block {j}", [], block=j, offloaded=j >= self.resident_blocks)
-                       for j in range(table.num_blocks)]
-        for t in self.tensors:
-            j = owner.get(id(t.param))
-            if j is not None:
-                block_units[j].tensors.append(t.spec.index)
-                continue
-            sides = side.get(id(t.param), set())
-            units[sides.pop() if len(sides) == 1 else "shared"].tensors.append(t.spec.index)
-        self._pre_units = [units["pre"], units["shared"]]
-        self._post_units = [units["post"]]
-        self._shared = units["shared"]
-        # Shared tensors that are plain embedding tables (a tied head): the pre pass needs only the
-        # rows it looks up, computed from copies of their chunks, instead of a copy per point.
-        lookups = {}
-        for path in table.embeddings:
-            module = base.get_submodule(path)
-            if isinstance(module, torch.nn.Embedding) and module.max_norm is None:
-                for ti in units["shared"].tensors:
-                    if self.tensors[ti].param is module.weight and self.tensors[ti].master is None:
-                        lookups[ti] = path
-        # Rows cost draws (the table once more per point), copies cost memory (one table per
-        # point but the last): on the disk tier memory is what is short, in host memory time.
-        self._lookups = (lookups if len(lookups) == len(units["shared"].tensors)
-                         and self.offload_to == "disk" else {})
-        self._block_units = block_units
-        return [*units.values(), *block_units], blocks
 
     @property
     def device(self) -> torch.device:
@@ -228,16 +175,26 @@ class OffloadEngine(InMemoryEngine):
         self.current = point
         self.sweeps += 1
 
-    def _advance(self, unit: _Unit, upto: int) -> None:
+    def _advance(self, unit: Unit, upto: int) -> None:
         """Replay the logged moves ``unit.done:upto`` on the unit's tensors (in place)."""
+        rounds = unit.offloaded and self.streamer.low_storage
         for point, update in self._log[unit.done - self._log_start: upto - self._log_start]:
             jobs = [(ti, c) for ti in unit.tensors for c in range(len(self.tensors[ti].chunks))
                     if self.tensors[ti].role == "zo"
                     or (update is not None and update.touches(ti, self.tensors[ti].role))]
             current = unit.current
-            self.numbers_drawn += sum(self._map(
-                lambda job: self._move_chunk(job[0], job[1], point, update, current), jobs))
-            unit.current = point
+
+            def job(job, point=point, update=update, current=current):
+                if not (rounds and update is not None):
+                    return self._move_chunk(job[0], job[1], point, update, current)
+                # a low-precision tier: the updated master is rounded to a storage number (keyed
+                # stochastic rounding) before the perturbation, so a write-back at any moment
+                # stores exactly what the rest of the evaluation computes from
+                drawn = self._move_chunk(job[0], job[1], (), update, current)
+                wire.round_chunk(self.tensors[job[0]], job[1], wire.sr_key(update))
+                return drawn + self._move_chunk(job[0], job[1], point, None, ())
+            self.numbers_drawn += sum(self._map(job, jobs))
+            unit.current, unit.fresh = point, False
         unit.done = max(unit.done, upto)
 
     def _trim(self) -> None:
@@ -247,7 +204,9 @@ class OffloadEngine(InMemoryEngine):
 
     # ------------------------------------------------------------------ contract
     def evaluate(self, plan: ProbePlan, objective) -> list:
-        """The objective at every point of ``plan``, one pass over the blocks (module docstring)."""
+        """The objective at every point of ``plan``, one pass over the blocks (module docstring).
+        An evaluation stopped by an exception continues where it stopped when asked the same
+        plan again (``engines/partial.py``): bitwise the uninterrupted result."""
         num = plan.num_points
         if num == 0:
             return []
@@ -255,31 +214,34 @@ class OffloadEngine(InMemoryEngine):
         base = unwrap(self.model)
         recorded = [streaming.record(part, self._vocab, self._logit_dtype, forbid=base) for part in parts]
         calls = [call for part in recorded for call in part]
-        positions = []
-        for i in range(num):
-            pending, self.pending = self.pending, None
-            self.move(plan.point_terms(i), pending)
-            positions.append(self._end())
+        run = self.partial if isinstance(self.partial, Pass) and self.partial.matches(plan, calls) else None
+        if run is None:
+            positions = []
+            for i in range(num):
+                pending, self.pending = self.pending, None
+                self.move(plan.point_terms(i), pending)
+                positions.append(self._end())
+            run = Pass(plan, positions, [c.kwargs["input_ids"].cpu() for c in calls])
+        self.partial = run
         self._streaming = True
         try:
-            hidden, args = self._pre_pass(calls, positions)
-            self._block_pass(hidden, args, positions)
-            logits = self._post_pass(calls, hidden, positions)
+            self._pre_pass(calls, run)
+            self._block_pass(calls, run)
+            self._post_pass(calls, run)
         finally:
             self._streaming = False
-            self._snapshots = []
+        for i in range(len(run.values), num):
+            k, out = 0, []
+            for part, part_calls in zip(parts, recorded):
+                out.append(streaming.replay(part, part_calls, run.logits[i][k:k + len(part_calls)]))
+                k += len(part_calls)
+            run.values.append(out[0] if len(parts) == 1 and not isinstance(objective, MicroBatches)
+                              else sum(float(v) for v in out) / len(out))
+        self.partial = None
         self._trim()
         self.timing.steps += 1
         self.timing.tokens += num * sum(int(c.kwargs["attention_mask"].sum()) for c in calls)
-        values = []
-        for i in range(num):
-            k, out = 0, []
-            for part, part_calls in zip(parts, recorded):
-                out.append(streaming.replay(part, part_calls, logits[i][k:k + len(part_calls)]))
-                k += len(part_calls)
-            values.append(out[0] if len(parts) == 1 and not isinstance(objective, MicroBatches)
-                          else sum(float(v) for v in out) / len(out))
-        return values
+        return run.values
 
     def flush(self) -> None:
         """Apply a held update and remove any perturbation, in every block (one pass over the tier)."""
@@ -290,6 +252,7 @@ class OffloadEngine(InMemoryEngine):
         """Bring every unit to the end of the log: the parameters are then what the in-memory
         engine would hold (a pass over the blocks that have moves to replay)."""
         end = self._end()
+        self.partial = None  # a stopped evaluation is redone (correct, not bitwise) after this
         for unit in (*self._pre_units, *self._post_units):
             self._advance(unit, end)
         behind = [u for u in self._block_units if u.done < end]
@@ -297,12 +260,15 @@ class OffloadEngine(InMemoryEngine):
         self._trim()
 
     def load_state_dict(self, state: dict) -> None:
-        """As in-memory; the parameters (the tier's storage) hold the saved base plus point."""
-        super().load_state_dict(state)
+        """As in-memory; the parameters (the tier's storage) hold the saved base plus point,
+        or, for an evaluation stopped part-way, each unit's point (``engines/partial.py``)."""
+        super().load_state_dict({**state, "partial": None})
         self._log.clear()
         self._log_start = 0
         for unit in self._units:
             unit.done, unit.current = 0, self.current
+        if state.get("offload_partial") is not None:
+            self.partial = partial.restore(self, state["offload_partial"])
 
     def base(self, ti: int) -> torch.Tensor:
         self.catch_up()
@@ -317,19 +283,30 @@ class OffloadEngine(InMemoryEngine):
         super().write(ti, values)
 
     def state_dict(self) -> dict:
-        self.catch_up()
-        return super().state_dict()
+        run = self.partial if isinstance(self.partial, Pass) else None
+        saved = partial.state(self, run) if run is not None else None
+        if run is None:
+            self.catch_up()
+        self.partial = None
+        try:
+            state = super().state_dict()
+        finally:
+            self.partial = run
+        return {**state, "offload_partial": saved}
+
+    def checkpoint_groups(self, params: dict) -> list:
+        """Offloaded blocks for streamed checkpoints, one block at a time (``checkpoint_stream``)."""
+        return checkpoint_groups(self, params)
 
     def close(self) -> None:
-        if self._io is not None:
-            for pool in self._io:
-                pool.shutdown()
-            self._io = None
+        self.streamer.close()
+        for cast in self._casts:  # cast hooks and CUDA evaluation hooks
+            cast.remove()
         self._hook.remove()
         super().close()
 
     # ------------------------------------------------------------------ passes
-    def _pre_pass(self, calls, positions):
+    def _pre_pass(self, calls, run: Pass) -> None:
         """Per point and call: block 0's input; per call: every block's recorded arguments.
 
         Tensors used before and after the blocks (``shared``) hold one point at a time. Either
@@ -337,198 +314,85 @@ class OffloadEngine(InMemoryEngine):
         up, from copies of their chunks (``_rows_at``: extra draws, no tensor-sized copy), or,
         where that is not exact (a stateful rule's update in the moves, a master copy, a shared
         tensor that is not an embedding table), they move here and are copied per point."""
-        hidden, args, self._snapshots = {}, {}, []
         shared = [self.tensors[ti] for ti in self._shared.tensors]
-        end = positions[-1]
-        moves = self._log[self._shared.done - self._log_start: end - self._log_start]
-        self._by_rows = bool(shared) and bool(self._lookups) and all(
-            u is None or not getattr(u.rule, "state_names", ()) for _, u in moves)
-        if self._by_rows:  # every point's looked-up rows, in one pass over the moves
+        positions = run.positions
+        if run.by_rows is None:
+            moves = self._log[self._shared.done - self._log_start: positions[-1] - self._log_start]
+            run.by_rows = bool(shared) and bool(self._lookups) and all(
+                u is None or not getattr(u.rule, "state_names", ()) for _, u in moves)
+        self._by_rows = run.by_rows
+        if self._by_rows and run.pre_done < len(positions):  # every point's rows, one pass over the moves
             ids = torch.cat([c.kwargs["input_ids"].reshape(-1) for c in calls]).unique()
             self._rows = {ti: (ids, self._rows_at(ti, ids, positions)) for ti in self._lookups}
-        for i, pos in enumerate(positions):
+        for i in range(run.pre_done, len(positions)):
+            pos = positions[i]
             self._advance(self._pre_units[0], pos)
             if not self._by_rows:
                 self._advance(self._shared, pos)
                 if i < len(positions) - 1 and shared:
                     if len(self._copies) <= i:  # kept between steps: no allocation per step
                         self._copies.append([torch.empty_like(t.param.data) for t in shared])
-                    self._snapshots.append([b.copy_(t.param.data) for b, t in zip(self._copies[i], shared)])
+                    del run.snapshots[i:]
+                    run.snapshots.append([b.copy_(t.param.data) for b, t in zip(self._copies[i], shared)])
+            run.args = {} if run.args is None else run.args
             with self._row_lookups(i, pos) if self._by_rows else contextlib.nullcontext():
                 for c, call in enumerate(calls):
-                    hidden[i, c], sink = streaming.run_pre(call, self.table, all_blocks=i == 0)
-                    if i == 0:
-                        args[c] = sink
+                    full = c not in run.args  # the first point records every block's arguments
+                    run.hidden[i, c], sink = streaming.run_pre(call, self.table, all_blocks=full)
+                    run.through[i, c] = 0
+                    if full:
+                        run.args[c] = sink
+            run.pre_done = i + 1
         self._rows = {}
-        return hidden, args
 
-    @contextlib.contextmanager
-    def _row_lookups(self, i: int, upto: int):
-        """The shared embedding modules replaced by lookups of their rows at point ``i``."""
-        base, swapped = unwrap(self.model), []
+    _row_lookups = rows.row_lookups  # the tied table's rows per point (engines/rows.py)
+    _rows_at = rows.rows_at
 
-        def rows(ti, ids):
-            known, values = self._rows[ti]
-            at = torch.searchsorted(known, ids).clamp(max=len(known) - 1)
-            if bool((known[at] == ids).all()):
-                return values[i][at]
-            return self._rows_at(ti, ids, [upto])[0]  # ids the calls did not show: computed apart
+    def _block_pass(self, calls, run: Pass) -> None:
+        streams = [(i, c) for i in range(len(run.positions)) for c in range(len(calls))]
+        todo = [u for u in self._block_units if any(run.through[s] <= u.block for s in streams)]
+        if todo and (run.args is None or len(run.args) < len(calls)):  # resumed from a checkpoint
+            run.args = {c: streaming.run_pre(call, self.table, all_blocks=True)[1]
+                        for c, call in enumerate(calls)}
 
-        try:
-            for ti, path in self._lookups.items():
-                parent_path, _, child = path.rpartition(".")
-                parent = base.get_submodule(parent_path) if parent_path else base
-                swapped.append((parent, child, parent.get_submodule(child)))
-                setattr(parent, child, _RowLookup(lambda ids, ti=ti: rows(ti, ids)))
-            yield
-        finally:
-            for parent, child, original in reversed(swapped):
-                setattr(parent, child, original)
-
-    def _rows_at(self, ti: int, rows: torch.Tensor, positions: list[int]) -> list[torch.Tensor]:
-        """Rows ``rows`` (sorted, unique) of 2-D tensor ``ti`` as they will be at each log position
-        of ``positions`` (ascending): each chunk holding one of them is copied and moved along the
-        log by the chunk moves :meth:`_advance` makes, so the values are bitwise the ones the
-        tensor will hold. Cost: the draws of those moves on those chunks, one chunk of memory."""
-        t, unit = self.tensors[ti], self._shared
-        width = t.param.shape[1]
-        flat_idx = (rows.to(torch.long)[:, None] * width + torch.arange(width)).reshape(-1)
-        out = [torch.empty(flat_idx.numel(), dtype=t.param.dtype) for _ in positions]
-        bounds = torch.tensor([s for s, _ in t.chunks] + [t.chunks[-1][1]])
-        cuts = torch.searchsorted(flat_idx, bounds).tolist()
-        for c, (s, e) in enumerate(t.chunks):
-            lo, hi = cuts[c], cuts[c + 1]
-            if lo == hi:
-                continue
-            scratch, current, done = t.flat[s:e].clone(), unit.current, unit.done
-            for k, upto in enumerate(positions):
-                for point, update in self._log[done - self._log_start: upto - self._log_start]:
-                    if t.role == "zo" or (update is not None and update.touches(ti, t.role)):
-                        self.lookup_numbers_drawn += self._move_chunk(ti, c, point, update, current,
-                                                                      scratch)
-                    current = point
-                done = max(done, upto)
-                out[k][lo:hi] = scratch[flat_idx[lo:hi] - s]
-        return [o.view(len(rows), width) for o in out]
-
-    def _block_pass(self, hidden, args, positions):
         def compute(unit):
-            block = self.table.block_module(self.model, unit.block)
-            for i, pos in enumerate(positions):
+            block, j = self.table.block_module(self.model, unit.block), unit.block
+            for i, pos in enumerate(run.positions):
+                due = [c for c in range(len(calls)) if run.through[i, c] == j]
+                if not due:
+                    continue
                 self._advance(unit, pos)
-                for c in args:
-                    hidden[i, c] = streaming.run_block(block, hidden[i, c], args[c][unit.block])
+                self.streamer.materialise(unit)
+                for c in due:
+                    run.hidden[i, c] = streaming.run_block(block, run.hidden[i, c], run.args[c][j])
+                    run.through[i, c] = j + 1
 
-        self._stream(self._block_units, compute)
+        self._stream(todo, compute)
 
-    def _post_pass(self, calls, hidden, positions):
+    def _post_pass(self, calls, run: Pass) -> None:
         shared = [self.tensors[ti] for ti in self._shared.tensors]
         live = [t.param.data for t in shared]
-        logits = []
         try:
-            for i, pos in enumerate(positions):
+            for i in range(len(run.logits), len(run.positions)):
+                pos = run.positions[i]
                 for unit in self._post_units:
                     self._advance(unit, pos)
                 if self._by_rows:
                     self._advance(self._shared, pos)
-                values = self._snapshots[i] if i < len(self._snapshots) else live
+                values = run.snapshots[i] if i < len(run.snapshots) else live
                 for t, v in zip(shared, values):
                     t.param.data = v
-                logits.append([streaming.run_post(call, self.table, hidden[i, c])
-                               for c, call in enumerate(calls)])
+                run.logits.append([streaming.run_post(call, self.table, run.hidden[i, c])
+                                   for c, call in enumerate(calls)])
         finally:
             for t, v in zip(shared, live):
                 t.param.data = v
-        return logits
 
     # ------------------------------------------------------------------ streaming blocks
     def _stream(self, units, work) -> None:
         """Run ``work(unit)`` for each block unit in order, each offloaded block resident while
-        it runs: in place in host memory (CPU tier), or loaded into a slot, worked on and
-        written back (disk tier; the next load and the last write-back overlap the work)."""
-        timing = self.timing
-        if self.offload_to == "cpu" or not any(u.offloaded for u in units):
-            for unit in units:
-                start = time.perf_counter()
-                work(unit)
-                timing.compute[unit.block] += time.perf_counter() - start
-            return
-        disk = [u for u in units if u.offloaded]
-        slots = self._get_slots(3 if self.overlap else 1)
-        loads, stores = {}, {}
-        io = self._get_io() if self.overlap else None
-
-        def load(u, slot):
-            start = time.perf_counter()
-            out = self.tier.load(u.block, slot)
-            timing.load[u.block] += time.perf_counter() - start
-            return out
-
-        def store(u, slot):
-            start = time.perf_counter()
-            self.tier.store(u.block, slot, {"moves": u.done})
-            timing.store[u.block] += time.perf_counter() - start
-
-        def submit(fn, *a):
-            if io is None:
-                fn(*a)
-                return None
-            return io[fn is store].submit(fn, *a)  # a reader and a writer thread
-
-        order = {u.block: k for k, u in enumerate(disk)}
-        for unit in units:
-            if not unit.offloaded:
-                start = time.perf_counter()
-                work(unit)
-                timing.compute[unit.block] += time.perf_counter() - start
-                continue
-            k = order[unit.block]
-            slot = slots[k % len(slots)]
-            if k == 0:
-                loads[0] = submit(load, unit, slot)
-            wait = time.perf_counter()
-            if loads.get(k) is not None:
-                loads[k].result()
-            timing.wait += time.perf_counter() - wait
-            if io is not None and k + 1 < len(disk):  # prefetch into the slot block k-2 drained
-                if k - 2 in stores:
-                    stores.pop(k - 2).result()
-                    self._rebind(disk[k - 2])
-                loads[k + 1] = submit(load, disk[k + 1], slots[(k + 1) % len(slots)])
-            block = self._blocks[unit.block]
-            block.bind(slot[:block.numel])
-            start = time.perf_counter()
-            work(unit)
-            timing.compute[unit.block] += time.perf_counter() - start
-            stores[k] = submit(store, unit, slot)
-            if io is None:
-                self._rebind(unit)
-                stores.pop(k)
-                if k + 1 < len(disk):
-                    loads[k + 1] = submit(load, disk[k + 1], slots[(k + 1) % len(slots)])
-        for k in sorted(stores):
-            stores[k].result()
-            self._rebind(disk[k])
-        self.timing.bytes_read = self.tier.bytes_read
-
-    def _rebind(self, unit: _Unit) -> None:
-        """Point an offloaded block's parameters back at its tier storage."""
-        self._blocks[unit.block].bind(self.tier.view(unit.block))
-
-    def _get_slots(self, n: int) -> list[torch.Tensor]:
-        numel = max(b.numel for b in self._blocks)
-        dtype = self._blocks[0].dtype
-        while len(self._slots) < n:
-            self._slots.append(torch.empty(numel, dtype=dtype, device=self._compute_device))
-        return self._slots[:n]
-
-    def _get_io(self):
-        if self._io is None:
-            # One reader, one writer; a load into a slot is submitted only once the store that
-            # drains that slot has finished (waited on in _stream).
-            self._io = (ThreadPoolExecutor(1, thread_name_prefix="zotune-offload-read"),
-                        ThreadPoolExecutor(1, thread_name_prefix="zotune-offload-write"))
-        return self._io
+        it runs (``engines/slots.py``: in place in host memory, or through a ring of slots)."""
+        self.streamer.run(units, work)
 
     def _outside_call(self, module, args) -> None:
         if not self._streaming and self._log and any(u.done < self._end() for u in self._units):

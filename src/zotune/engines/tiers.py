@@ -132,7 +132,7 @@ class DiskTier:
             stale.unlink()
         self._offset = {}
         for b in blocks:
-            self._write(b.index, [p.data.reshape(-1) for p in b.params], {"state": "initial"})
+            self._write(b.index, [p.data.reshape(-1).to(b.dtype) for p in b.params], {"state": "initial"})
             b.bind(self.view(b.index))
 
     # ------------------------------------------------------------------ files
