@@ -101,7 +101,7 @@ def run(args, task, data, test, trainable, seed, name, log):
     base = {"task": task.name, "trainable": trainable, "seed": seed, "method": name, "lr": lr, "eps": eps,
             "num_probes": getattr(opt.estimator, "num_probes", None), "eval_split": args.eval_split,
             "eval_size": len(test), "batch_size": args.batch_size}
-    train_s, step, next_eval = 0.0, 0, 0
+    train_s, step, next_eval, step_losses = 0.0, 0, 0, []
     while True:
         if opt.forward_passes >= next_eval:
             opt.flush()
@@ -109,7 +109,9 @@ def run(args, task, data, test, trainable, seed, name, log):
             rec = {**base, "forward_passes": opt.forward_passes, "steps": step, "train_s": train_s,
                    "test_acc": acc, "test_loss": loss, "skipped_steps": opt.skipped_steps,
                    "numbers_per_step": opt.engine.numbers_drawn / max(step, 1),
-                   "loadavg": os.getloadavg()[0], "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                   "loadavg": os.getloadavg()[0], "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                   "step_losses": step_losses}
+            step_losses = []
             print(json.dumps(rec), flush=True)
             with open(log, "a") as f:
                 f.write(json.dumps(rec) + "\n")
@@ -120,6 +122,7 @@ def run(args, task, data, test, trainable, seed, name, log):
         start = time.perf_counter()
         opt.step(lambda: scorer.classification_loss(batch))
         train_s += time.perf_counter() - start
+        step_losses.append([round(float(v), 6) for v in opt.last_losses])  # this step's losses, plan order
         step += 1
     opt.engine.close()
 
@@ -317,6 +320,7 @@ def main():
     p.add_argument("--timing-steps", type=int, default=0,
                    help="also time each method's step side by side (DiZO's search excluded)")
     p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
+    p.add_argument("--no-summary", action="store_true", help="only run and log (no table, no plots)")
     args = p.parse_args()
     try:
         args.lr_for = {k: float(v) for k, v in (item.split("=", 1) for item in args.lr_for)}
@@ -338,6 +342,8 @@ def main():
         with open(args.log, "a") as f:
             for row in timing(args, data, args.trainable[0]):
                 f.write(json.dumps(row) + "\n")
+    if args.no_summary:
+        return
     records = [json.loads(line) for line in Path(args.log).read_text().splitlines() if line.strip()]
     timings = [r for r in records if "timing" in r]
     records = [r for r in records if "timing" not in r]

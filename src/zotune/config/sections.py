@@ -380,7 +380,8 @@ class EngineConfig:
                                  "(2 parameter sweeps per step)", resume=FREE)
     # Engines give bitwise equal runs (tests/test_offload.py), so a resumed run may switch.
     name: str = setting("in-memory", "where parameters live: in-memory, or offload (stream blocks "
-                        "from host memory or disk, for models larger than the device)", flat="engine",
+                        "from host memory or disk, for models larger than the device), or batched "
+                        "(in memory, all probe points in one forward: for GPUs, slower on CPU)", flat="engine",
                         resume=FREE, choices=lambda: tuple(e for e in _engines() if e != "reference"),
                         added=True)
     offload_to: str = setting("cpu", "offload tier (--engine offload): cpu memory or disk "
@@ -402,6 +403,8 @@ class EngineConfig:
 
     def engine_options(self) -> dict:
         """The ZOOptimizer arguments of this section beyond ``defer_update``."""
+        if self.name == "batched":
+            return {"engine": "batched"}
         if self.name != "offload":
             return {}
         return {"engine": "offload", "offload_to": self.offload_to, "offload_dir": self.offload_dir,
