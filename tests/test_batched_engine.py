@@ -2,7 +2,8 @@
 
 The batched engine computes each point's weights as base + a z directly (the in-memory engine moves
 in place from point to point), so the two agree within round-off, not bitwise: losses within
-rtol 1e-5 and parameters within atol 1e-6 in fp32 after a few steps, and within 1e-10 in float64.
+rtol 1e-5 and parameters within atol 1e-5 in fp32 after four steps (a ZO step multiplies a loss's
+round-off by lr / eps, and the steps compound it), and within 1e-10 / 1e-12 in float64.
 Tiny 2-block models; every test runs in well under a second."""
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ def train(engine, *, family="llama", method="fzoo-code", steps=4, dtype=torch.fl
         model = select_trainable(model, "lora", seed=0)
     model.eval()
     scorer = CandidateScorer(model, tok, max_length=64)
-    opt = ZOOptimizer(model, lr=1e-2, eps=1e-2, method=method, engine=engine, seed=5, **options)
+    lr = 1e-4 if method == "fzoo" else 1e-2  # the paper's form carries 1/eps: the same step as fzoo-code
+    opt = ZOOptimizer(model, lr=lr, eps=1e-2, method=method, engine=engine, seed=5, **options)
 
     def objective(s):
         b = EXAMPLES[s % 4: s % 4 + 4]
@@ -54,9 +56,7 @@ def close(a, b, rtol, atol):
 def test_batched_equals_sequential_within_round_off(method, options):
     ref = train("in-memory", method=method, **options)
     got = train("batched", method=method, **options)
-    close(got, ref, rtol=1e-5, atol=1e-6)
-    assert ref[1]["model.layers.0.mlp.up_proj.weight"].ne(got[1]["model.layers.0.mlp.up_proj.weight"]).any() \
-        or got[0] == ref[0]  # round-off may or may not show; equality within tolerance is the claim
+    close(got, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_float64_agrees_to_1e10():
@@ -66,13 +66,13 @@ def test_float64_agrees_to_1e10():
 @pytest.mark.parametrize("family,tied", [("gpt2", True), ("opt", False), ("qwen3", True)])
 def test_families(family, tied):
     close(train("batched", family=family, tied=tied), train("in-memory", family=family, tied=tied),
-          rtol=1e-5, atol=1e-6)
+          rtol=1e-5, atol=1e-5)
 
 
 def test_lora_micro_batches_and_groups_of_points():
     ref = train("in-memory", lora=True, micro=True)
     got = train("batched", lora=True, micro=True)
-    close(got, ref, rtol=1e-5, atol=1e-6)
+    close(got, ref, rtol=1e-5, atol=1e-5)
     grouped = train("batched", lora=True, micro=True, points_per_forward=2)
     close(grouped, got, rtol=1e-6, atol=1e-7)
 
@@ -84,8 +84,9 @@ def test_memory_and_draws():
     _, _, opt = train("batched", steps=1)
     assert opt.engine.stack_bytes == 9 * trainable
     _, _, seq = train("in-memory", steps=1)
-    # batched: the 8 keys drawn once to build the stacks and once for the update (applied by flush)
-    assert opt.engine.numbers_drawn == pytest.approx(seq.engine.numbers_drawn * 16 / (3 * 8))
+    # batched: the 8 keys drawn once to build the stacks and once for the update, 2N = 16 draws;
+    # sequential: 1 + 2 (N - 1) moving between probes, N for the update (the last restore fused): 3N - 1
+    assert opt.engine.numbers_drawn / seq.engine.numbers_drawn == pytest.approx(16 / 23, rel=1e-12)
 
 
 def test_bf16_master_weights_give_the_same_perturbed_weights():
