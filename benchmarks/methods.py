@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -197,6 +198,12 @@ def _spread(values):
     return f"{statistics.mean(vals):.2f} ({text})" if len(vals) > 1 else f"{vals[0]:.2f}"
 
 
+def label(r) -> str:
+    """A run's name in the tables: the method, and ``@lr`` where the lr is not its default."""
+    default = default_lr(r["method"], r["trainable"], r["eps"])
+    return r["method"] if math.isclose(r["lr"], default, rel_tol=1e-9) else f"{r['method']}@{r['lr']:g}"
+
+
 def summarise(records, args):
     """Table rows and curves per (task, trainable), each method against MeZO seed by seed.
 
@@ -205,14 +212,14 @@ def summarise(records, args):
     training second (:func:`speedup`); the curves are means over seeds at each eval point."""
     groups: dict = {}
     for r in records:
-        groups.setdefault((r["task"], r["trainable"]), {}).setdefault(r["method"], {}).setdefault(
+        groups.setdefault((r["task"], r["trainable"]), {}).setdefault(label(r), {}).setdefault(
             r["seed"], []).append(r)
     sections = []
     for (task, trainable), methods in groups.items():
         for seeds in methods.values():
             for pts in seeds.values():
                 pts.sort(key=lambda r: r["forward_passes"])
-        mezo = methods.get("mezo", {})
+        mezo = methods.get(args.baseline, {})
         rows = ["| method | lr | seeds | forward passes run (per seed) | final test loss (mean; per seed) | "
                 "final test acc (mean; per seed) | first reaches MeZO's final loss at forward pass (per seed) | "
                 "speed-up per forward pass (mean; per seed) | speed-up per second (mean; per seed) | "
@@ -226,7 +233,7 @@ def summarise(records, args):
             reach, fp_up, s_up = [], [], []
             for s in order:
                 if s not in mezo:
-                    reach.append("no MeZO run")
+                    reach.append("no baseline run")
                     fp_up.append(None)
                     s_up.append(None)
                     continue
@@ -241,7 +248,7 @@ def summarise(records, args):
                 f"{statistics.mean(losses):.4f} ({', '.join(f'{v:.4f}' for v in losses)}) | "
                 f"{statistics.mean(f['test_acc'] for f in finals):.1f} "
                 f"({', '.join(format(f['test_acc'], '.1f') for f in finals)}) | {', '.join(reach)} | "
-                f"{_spread(fp_up) if name != 'mezo' else '1'} | {_spread(s_up) if name != 'mezo' else '1'} | "
+                f"{_spread(fp_up) if name != args.baseline else '1'} | {_spread(s_up) if name != args.baseline else '1'} | "
                 f"{statistics.mean(f['train_s'] / max(f['forward_passes'], 1) for f in finals):.2f} | "
                 f"{', '.join(str(f.get('skipped_steps', 0)) for f in finals)} |")
             by_fp: dict = {}
@@ -321,6 +328,11 @@ def main():
                    help="also time each method's step side by side (DiZO's search excluded)")
     p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     p.add_argument("--no-summary", action="store_true", help="only run and log (no table, no plots)")
+    p.add_argument("--baseline", default="mezo", help="the run label speed-ups are measured against "
+                   "(a method, or METHOD@LR for a non-default lr)")
+    p.add_argument("--upto", type=int, help="tables from the eval points up to this many forward passes "
+                   "(a shorter budget read off longer runs: a constant-lr run's first F forward passes "
+                   "do not depend on how long it goes on)")
     args = p.parse_args()
     try:
         args.lr_for = {k: float(v) for k, v in (item.split("=", 1) for item in args.lr_for)}
@@ -346,7 +358,7 @@ def main():
         return
     records = [json.loads(line) for line in Path(args.log).read_text().splitlines() if line.strip()]
     timings = [r for r in records if "timing" in r]
-    records = [r for r in records if "timing" not in r]
+    records = [r for r in records if "timing" not in r and (args.upto is None or r["forward_passes"] <= args.upto)]
     cmd = "python benchmarks/methods.py " + " ".join(a for a in sys.argv[1:] if a != "--from-log")
     text = (f"## Methods at one forward-pass budget (`benchmarks/methods.py`)\n\nTables and plots rebuilt "
             f"from `{args.log}` by `{cmd.strip()} --from-log`.\n\n"
@@ -357,7 +369,9 @@ def main():
             "forward pass, per seed: where the method reaches MeZO's final test loss (same seed, same "
             "batches), MeZO's forward passes over the method's at that point; where it does not, the forward "
             "passes MeZO needed to reach the method's final loss (interpolated) over the method's. Per second: "
-            "the same with training seconds.\n\n"
+            "the same with training seconds. "
+            f"Baseline: `{args.baseline}`" + (f"; eval points up to {args.upto} forward passes" if args.upto else "")
+            + ". A label METHOD@LR is a run at a non-default lr.\n\n"
             + "\n".join(summarise(records, args)) + timing_table(timings))
     write_section(Path(args.out), text, "methods")
 
