@@ -64,8 +64,9 @@ def measure(args, data, trainable, method, settings):
     model.eval()
     scorer = CandidateScorer(model, tok)
     batch = data.train[: args.batch]
-    opts = {name: ZOOptimizer(model, lr=0.0, eps=1e-3, method=method, seed=0, defer_update=True, **options)
-            for name, options in settings.items()}
+    probes = {"num_probes": args.num_probes} if args.num_probes and method.startswith("fzoo") else {}
+    opts = {name: ZOOptimizer(model, lr=0.0, eps=1e-3, method=method, seed=0, defer_update=True, **probes,
+                              **options) for name, options in settings.items()}
     times = {name: [] for name in settings}
     losses = {name: [] for name in settings}
     peaks = {name: 0 for name in settings}
@@ -107,6 +108,8 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--trainable", nargs="*", default=["lora", "full"])
     p.add_argument("--methods", nargs="*", default=["fzoo-code", "mezo"])
+    p.add_argument("--num-probes", type=int, help="FZOO's N (default 8)")
+    p.add_argument("--groups", action="store_true", help="also batched with 3 points per forward")
     p.add_argument("--log", default=str(ROOT / "benchmarks" / "logs" / "batched_probes.jsonl"))
     p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     args = p.parse_args()
@@ -116,7 +119,7 @@ def main():
     for trainable in args.trainable:
         for method in args.methods:
             settings = {"sequential (in-memory)": {}, "batched, all points": {"engine": "batched"}}
-            if method.startswith("fzoo"):
+            if method.startswith("fzoo") and args.groups:
                 settings["batched, 3 points per forward"] = {"engine": "batched", "points_per_forward": 3}
             rows += measure(args, data, trainable, method, settings)
     Path(args.log).parent.mkdir(parents=True, exist_ok=True)

@@ -209,3 +209,12 @@ def test_fzoo_with_a_backprop_tail_and_a_skipped_head_step():
     assert opt.forward_passes == 9
     opt.step(lambda: model(x).pow(2).mean())
     assert not torch.equal(model[0].weight, head)
+
+
+def test_cli_default_lr_of_the_code_form_is_the_papers_over_eps():
+    from zotune.config import TrainConfig
+
+    paper = TrainConfig.from_flat(method="fzoo").resolved().method
+    code = TrainConfig.from_flat(method="fzoo-code").resolved().method
+    assert code.lr == pytest.approx(paper.lr / paper.eps) and code.eps == paper.eps
+    assert TrainConfig.from_flat(method="fzoo-code", lr=0.5).resolved().method.lr == 0.5

@@ -278,7 +278,8 @@ class MethodConfig:
     flat_prefix: ClassVar[str] = ""
     name: str = setting("mezo", "ZO method (a preset of the parts below)", flat="method",
                         choices=_methods)
-    lr: float | None = setting(None, "learning rate", default_text=_default_by_scheme(DEFAULT_LR))
+    lr: float | None = setting(None, "learning rate", default_text=_default_by_scheme(DEFAULT_LR)
+                               + "; fzoo-code: that over eps")
     eps: float | None = setting(None, "perturbation scale",
                                 default_text=_default_by_scheme(DEFAULT_EPS))
     num_probes: int | None = setting(None, "directions per step (n-SPSA)",
@@ -509,10 +510,12 @@ class TrainConfig:
         trainable scheme, validated."""
         cfg = self.with_absolute_paths()
         scheme = cfg.model.trainable
-        if cfg.method.lr is None:
-            cfg.method.lr = DEFAULT_LR.get(scheme, 1e-6)
         if cfg.method.eps is None:
             cfg.method.eps = DEFAULT_EPS.get(scheme, 1e-3)
+        if cfg.method.lr is None:
+            cfg.method.lr = DEFAULT_LR.get(scheme, 1e-6)
+            if cfg.method.name == "fzoo-code":  # its step has no 1/eps: lr_code = lr_paper / eps
+                cfg.method.lr /= cfg.method.eps
         cfg.validate()
         return cfg
 
