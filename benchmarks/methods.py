@@ -1,9 +1,11 @@
-"""MeZO, KerZOO, KerZOO-code, DiZO, PeZO and a composition, at one budget of forward passes.
+"""MeZO, FZOO, FZOO-code, KerZOO, KerZOO-code, DiZO, PeZO and a composition, at one budget of
+forward passes.
 
 For each (task, trainable scheme, seed, method): SmolLM2-135M with MeZO's prompt and data protocol,
-the same batches (zotune.train.BatchSampler, same seed), the same lr and eps for every method, and
-training until ``--budget`` forward passes have been spent (every forward counts: KerZOO-code's 6
-per step, DiZO's search forwards). Test accuracy and test loss (MeZO's classification
+the same batches (zotune.train.BatchSampler, same seed), the same eps for every method, MeZO's lr
+for the methods that share MeZO's step and FZOO's own (its step is normalised, so its lr is a step
+length: ``--lr-for``), and training until ``--budget`` forward passes have been spent (every
+forward counts: FZOO's N + 1 per step, KerZOO-code's 6, DiZO's search forwards). Test accuracy and test loss (MeZO's classification
 cross-entropy of the gold candidate, from the same forward pass) on a fixed test subset every
 ``--eval-every`` forward passes. At small budgets accuracy on a few hundred examples moves by less
 than its sampling error; the loss is the low-noise measure of progress. Each method's numbers of random numbers generated per step are read from the
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -45,10 +48,24 @@ METHODS = {
     "kerzoo-code": {"method": "kerzoo-code"},
     "dizo": {"method": "dizo"},
     "pezo": {"method": "pezo"},
+    "fzoo": {"method": "fzoo"},
+    "fzoo-code": {"method": "fzoo-code"},
     # The composition: KerZOO's estimator on PeZO's pool, with DiZO's projection.
     "kerzoo+pezo+dizo": {"method": "dizo", "kernel": {}, "direction": "pezo-pool"},
 }
 LR = {"full": 1e-5, "lora": 1e-4}
+FZOO_STEP = {"full": 3e-3, "lora": 3e-2}
+"""FZOO's lr in the code's convention (the length of a normalised step along the unit gradient,
+research/fzoo.md section 2), chosen by the short sweep recorded in docs/benchmarks.md; the paper's
+form (``fzoo``) carries 1/eps, so its lr is this times eps."""
+
+
+def default_lr(name: str, trainable: str, eps: float) -> float:
+    if name == "fzoo":
+        return FZOO_STEP[trainable] * eps
+    if name == "fzoo-code":
+        return FZOO_STEP[trainable]
+    return LR[trainable]
 
 
 @torch.no_grad()
@@ -70,24 +87,32 @@ def run(args, task, data, test, trainable, seed, name, log):
     model.eval()
     scorer = CandidateScorer(model, tok)
     params = trainable_parameters(model)
-    lr = args.lr if args.lr is not None else LR[trainable]
     eps = args.eps if args.eps is not None else DEFAULT_EPS[trainable]
-    opt = ZOOptimizer(params, lr=lr, eps=eps, seed=seed, defer_update=True, **METHODS[name])
+    lr = args.lr_for.get(name, args.lr if args.lr is not None else default_lr(name, trainable, eps))
+    options = dict(METHODS[name])
+    if args.num_probes is not None and name.startswith("fzoo"):
+        options["num_probes"] = args.num_probes
+    opt = ZOOptimizer(params, lr=lr, eps=eps, seed=seed, defer_update=True, **options)
     sampler = BatchSampler(len(data.train), args.batch_size, seed)
     if opt.projection is not None:
         search = BatchSampler(len(data.train), args.batch_size, rng.mix(seed, 0x53454152))
         its = opt.projection.iterations
         opt.search_closures = lambda step, j: (
             lambda b=[data.train[i] for i in search.indices(step * its + j)]: scorer.classification_loss(b))
-    base = {"task": task.name, "trainable": trainable, "seed": seed, "method": name, "lr": lr, "eps": eps}
-    train_s, step, next_eval = 0.0, 0, 0
+    base = {"task": task.name, "trainable": trainable, "seed": seed, "method": name, "lr": lr, "eps": eps,
+            "num_probes": getattr(opt.estimator, "num_probes", None), "eval_split": args.eval_split,
+            "eval_size": len(test), "batch_size": args.batch_size}
+    train_s, step, next_eval, step_losses = 0.0, 0, 0, []
     while True:
         if opt.forward_passes >= next_eval:
             opt.flush()
             acc, loss = test_metrics(scorer, test)
             rec = {**base, "forward_passes": opt.forward_passes, "steps": step, "train_s": train_s,
-                   "test_acc": acc, "test_loss": loss,
-                   "numbers_per_step": opt.engine.numbers_drawn / max(step, 1)}
+                   "test_acc": acc, "test_loss": loss, "skipped_steps": opt.skipped_steps,
+                   "numbers_per_step": opt.engine.numbers_drawn / max(step, 1),
+                   "loadavg": os.getloadavg()[0], "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                   "step_losses": step_losses}
+            step_losses = []
             print(json.dumps(rec), flush=True)
             with open(log, "a") as f:
                 f.write(json.dumps(rec) + "\n")
@@ -98,6 +123,7 @@ def run(args, task, data, test, trainable, seed, name, log):
         start = time.perf_counter()
         opt.step(lambda: scorer.classification_loss(batch))
         train_s += time.perf_counter() - start
+        step_losses.append([round(float(v), 6) for v in opt.last_losses])  # this step's losses, plan order
         step += 1
     opt.engine.close()
 
@@ -131,55 +157,109 @@ def timing(args, data, trainable):
     return rows
 
 
-def _mean_loss(recs):
-    losses = [r["test_loss"] for r in recs if r.get("test_loss") is not None]
-    return statistics.mean(losses) if len(losses) == len(recs) else None
+def _first_reach(points, target):
+    """(forward passes, train seconds) of the first eval point at or below ``target``, else None."""
+    return next(((p["forward_passes"], p["train_s"]) for p in points if p["test_loss"] <= target), None)
+
+
+def _mezo_equivalent(mezo, loss, key):
+    """``key`` (forward passes or train seconds) MeZO's curve needs to first reach ``loss``,
+    linearly interpolated between its eval points; None where MeZO never gets there."""
+    for a, b in zip(mezo, mezo[1:]):
+        if b["test_loss"] <= loss:
+            if a["test_loss"] <= loss:
+                return a[key]
+            t = (a["test_loss"] - loss) / (a["test_loss"] - b["test_loss"])
+            return a[key] + t * (b[key] - a[key])
+    return mezo[0][key] if mezo and mezo[0]["test_loss"] <= loss else None
+
+
+def speedup(points, mezo, key):
+    """How many of MeZO's forward passes (``key="forward_passes"``) or seconds (``"train_s"``) one
+    of the method's is worth, on test loss, for one seed.
+
+    If the method reaches MeZO's final loss: MeZO's total over the method's at that point
+    (> 1: faster). If not: what MeZO needed to reach the method's final loss over the method's
+    total (< 1). None where it cannot be read off (MeZO never reaches the method's final loss)."""
+    target = mezo[-1]["test_loss"]
+    hit = _first_reach(points, target)
+    if hit is not None:
+        at = hit[0] if key == "forward_passes" else hit[1]
+        return mezo[-1][key] / at if at else None
+    equiv = _mezo_equivalent(mezo, points[-1]["test_loss"], key)
+    return None if equiv is None else equiv / points[-1][key]
+
+
+def _spread(values):
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "n/a"
+    text = ", ".join(f"{v:.2f}" for v in values if v is not None)
+    return f"{statistics.mean(vals):.2f} ({text})" if len(vals) > 1 else f"{vals[0]:.2f}"
+
+
+def label(r) -> str:
+    """A run's name in the tables: the method, and ``@lr`` where the lr is not its default."""
+    default = default_lr(r["method"], r["trainable"], r["eps"])
+    return r["method"] if math.isclose(r["lr"], default, rel_tol=1e-9) else f"{r['method']}@{r['lr']:g}"
 
 
 def summarise(records, args):
-    """Table rows and curves per (task, trainable): mean over seeds at each eval point.
+    """Table rows and curves per (task, trainable), each method against MeZO seed by seed.
 
-    "To MeZO's final" is the first eval point whose seed-mean reaches MeZO's final seed-mean
-    (accuracy at least as high, loss at least as low), as forward passes / training seconds.
-    """
+    Per seed (same batches for every method): the forward passes at which the method first reaches
+    MeZO's final test loss of that seed, and the speed-up on test loss per forward pass and per
+    training second (:func:`speedup`); the curves are means over seeds at each eval point."""
     groups: dict = {}
     for r in records:
-        groups.setdefault((r["task"], r["trainable"]), {}).setdefault(r["method"], []).append(r)
+        groups.setdefault((r["task"], r["trainable"]), {}).setdefault(label(r), {}).setdefault(
+            r["seed"], []).append(r)
     sections = []
     for (task, trainable), methods in groups.items():
+        for seeds in methods.values():
+            for pts in seeds.values():
+                pts.sort(key=lambda r: r["forward_passes"])
+        mezo = methods.get(args.baseline, {})
+        rows = ["| method | lr | seeds | forward passes run (per seed) | final test loss (mean; per seed) | "
+                "final test acc (mean; per seed) | first reaches MeZO's final loss at forward pass (per seed) | "
+                "speed-up per forward pass (mean; per seed) | speed-up per second (mean; per seed) | "
+                "train s per forward pass | skipped steps |",
+                "|---|---|---|---|---|---|---|---|---|---|---|"]
         curves = {}
-        for name, recs in methods.items():
+        for name, seeds in methods.items():
+            order = sorted(seeds)
+            finals = [seeds[s][-1] for s in order]
+            losses = [f["test_loss"] for f in finals]
+            reach, fp_up, s_up = [], [], []
+            for s in order:
+                if s not in mezo:
+                    reach.append("no baseline run")
+                    fp_up.append(None)
+                    s_up.append(None)
+                    continue
+                hit = _first_reach(seeds[s], mezo[s][-1]["test_loss"])
+                reach.append(str(hit[0]) if hit else "not reached")
+                fp_up.append(speedup(seeds[s], mezo[s], "forward_passes"))
+                s_up.append(speedup(seeds[s], mezo[s], "train_s"))
+            lrs = sorted({f["lr"] for f in finals})
+            rows.append(
+                f"| {name} | {', '.join(f'{v:g}' for v in lrs)} | {', '.join(map(str, order))} | "
+                f"{', '.join(str(f['forward_passes']) for f in finals)} | "
+                f"{statistics.mean(losses):.4f} ({', '.join(f'{v:.4f}' for v in losses)}) | "
+                f"{statistics.mean(f['test_acc'] for f in finals):.1f} "
+                f"({', '.join(format(f['test_acc'], '.1f') for f in finals)}) | {', '.join(reach)} | "
+                f"{_spread(fp_up) if name != args.baseline else '1'} | {_spread(s_up) if name != args.baseline else '1'} | "
+                f"{statistics.mean(f['train_s'] / max(f['forward_passes'], 1) for f in finals):.2f} | "
+                f"{', '.join(str(f.get('skipped_steps', 0)) for f in finals)} |")
             by_fp: dict = {}
-            for r in recs:
-                by_fp.setdefault(r["forward_passes"] // args.eval_every * args.eval_every, []).append(r)
+            for s in order:
+                for r in seeds[s]:
+                    by_fp.setdefault(r["forward_passes"], []).append(r)
+            # mean over seeds only where every seed has the point (a cut-off run does not skew it)
             curves[name] = [{"fp": fp, "acc": statistics.mean(r["test_acc"] for r in rs),
-                             "loss": _mean_loss(rs), "s": statistics.mean(r["train_s"] for r in rs),
-                             "recs": rs} for fp, rs in sorted(by_fp.items())]
-        mezo = curves.get("mezo")
-        target_acc = mezo[-1]["acc"] if mezo and mezo[-1]["acc"] > mezo[0]["acc"] else None
-        target_loss = mezo[-1]["loss"] if mezo and mezo[-1]["loss"] is not None else None
-
-        def reach(pts, key, target, better):
-            if target is None:
-                return "n/a"
-            hit = next((p for p in pts if p[key] is not None and better(p[key], target)), None)
-            return f"{hit['fp']} / {hit['s']:.0f}" if hit else "not reached"
-
-        rows = ["| method | seeds | final test acc (mean; per seed) | final test loss (mean; per seed) | "
-                "to MeZO's final acc (forward passes / s) | to MeZO's final loss (forward passes / s) | "
-                "train s per forward pass | random numbers per step |",
-                "|---|---|---|---|---|---|---|---|"]
-        for name, pts in curves.items():
-            final = pts[-1]
-            recs = sorted(final["recs"], key=lambda r: r["seed"])
-            accs = ", ".join(f"{r['test_acc']:.1f}" for r in recs)
-            loss = (f"{final['loss']:.4f} (" + ", ".join(f"{r['test_loss']:.4f}" for r in recs) + ")"
-                    if final["loss"] is not None else "n/a")
-            numbers = statistics.mean(r["numbers_per_step"] for r in recs)
-            rows.append(f"| {name} | {len(recs)} | {final['acc']:.1f} ({accs}) | {loss} | "
-                        f"{reach(pts, 'acc', target_acc, lambda v, t: v >= t)} | "
-                        f"{reach(pts, 'loss', target_loss, lambda v, t: v <= t)} | "
-                        f"{final['s'] / (final['fp'] or 1):.2f} | {numbers:.3g} |")
+                             "loss": statistics.mean(r["test_loss"] for r in rs),
+                             "s": statistics.mean(r["train_s"] for r in rs)}
+                            for fp, rs in sorted(by_fp.items()) if len(rs) == len(order)]
         png = f"methods_{task}_{trainable}.png"
         plot(curves, ROOT / "docs" / png, f"{task}, {trainable}, SmolLM2-135M")
         sections.append(f"### {task}, {trainable}\n\n" + "\n".join(rows) + f"\n\n![{task} {trainable}]({png})\n")
@@ -212,8 +292,7 @@ def plot(curves, path, title):
         for col, x in enumerate(("fp", "s")):
             axes[0, col].plot([p[x] for p in pts], [p["acc"] for p in pts], marker="o", markersize=3,
                               label=name)
-            with_loss = [p for p in pts if p["loss"] is not None]
-            axes[1, col].plot([p[x] for p in with_loss], [p["loss"] for p in with_loss], marker="o",
+            axes[1, col].plot([p[x] for p in pts], [p["loss"] for p in pts], marker="o",
                               markersize=3, label=name)
     axes[0, 0].set(ylabel="test accuracy (%, mean over seeds)", title=title)
     axes[1, 0].set(xlabel="forward passes", ylabel="test loss (CE, mean over seeds)")
@@ -236,19 +315,36 @@ def main():
     p.add_argument("--eval-every", type=int, default=100, help="forward passes between evaluations")
     p.add_argument("--test-size", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float)
+    p.add_argument("--lr", type=float, help="lr of every method (default: MeZO's, and FZOO's own)")
+    p.add_argument("--lr-for", nargs="*", default=[], metavar="METHOD=LR",
+                   help="the lr of one method (overrides --lr), e.g. fzoo=1e-6")
+    p.add_argument("--num-probes", type=int, help="FZOO's N (default 8)")
+    p.add_argument("--eval-split", default="test", choices=["test", "dev"],
+                   help="evaluate on the test subset or on the dev split (for lr sweeps)")
     p.add_argument("--eps", type=float)
     p.add_argument("--log", default="methods.jsonl")
     p.add_argument("--from-log", action="store_true", help="only rebuild the table and plots from --log")
     p.add_argument("--timing-steps", type=int, default=0,
                    help="also time each method's step side by side (DiZO's search excluded)")
     p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
+    p.add_argument("--no-summary", action="store_true", help="only run and log (no table, no plots)")
+    p.add_argument("--baseline", default="mezo", help="the run label speed-ups are measured against "
+                   "(a method, or METHOD@LR for a non-default lr)")
+    p.add_argument("--upto", type=int, help="tables from the eval points up to this many forward passes "
+                   "(a shorter budget read off longer runs: a constant-lr run's first F forward passes "
+                   "do not depend on how long it goes on)")
     args = p.parse_args()
+    try:
+        args.lr_for = {k: float(v) for k, v in (item.split("=", 1) for item in args.lr_for)}
+    except ValueError:
+        p.error(f"--lr-for takes METHOD=LR pairs, got {args.lr_for}")
     if not args.from_log:
         for task_name in args.tasks:
             task = get_task(task_name)
             data = task.load(args.data_dir, seed=0)
             test = data.test[: args.test_size]
+            if args.eval_split == "dev":
+                test = data.dev[: args.test_size]
             for trainable in args.trainable:
                 for seed in args.seeds:
                     for name in args.methods:
@@ -258,14 +354,24 @@ def main():
         with open(args.log, "a") as f:
             for row in timing(args, data, args.trainable[0]):
                 f.write(json.dumps(row) + "\n")
+    if args.no_summary:
+        return
     records = [json.loads(line) for line in Path(args.log).read_text().splitlines() if line.strip()]
     timings = [r for r in records if "timing" in r]
-    records = [r for r in records if "timing" not in r]
+    records = [r for r in records if "timing" not in r and (args.upto is None or r["forward_passes"] <= args.upto)]
     cmd = "python benchmarks/methods.py " + " ".join(a for a in sys.argv[1:] if a != "--from-log")
-    text = (f"## Methods at one forward-pass budget (`benchmarks/methods.py`)\n\nCommand: `{cmd.strip()}`\n\n"
-            f"SmolLM2-135M, MeZO prompts and data protocol, batch {args.batch_size}, the same lr and eps "
-            f"for every method, test accuracy and test loss on the first {args.test_size} test examples, "
-            f"evaluated every {args.eval_every} forward passes. Wall-clock is training time only.\n\n"
+    text = (f"## Methods at one forward-pass budget (`benchmarks/methods.py`)\n\nTables and plots rebuilt "
+            f"from `{args.log}` by `{cmd.strip()} --from-log`.\n\n"
+            f"SmolLM2-135M, MeZO prompts and data protocol, batch {args.batch_size}, eps as MeZO's for every "
+            f"method; lr: MeZO's for the methods with MeZO's step, FZOO's own (column lr); test loss "
+            f"(cross-entropy of the gold candidate) and accuracy on the first {args.test_size} test examples, "
+            f"evaluated every {args.eval_every} forward passes. Wall-clock is training time only. Speed-up per "
+            "forward pass, per seed: where the method reaches MeZO's final test loss (same seed, same "
+            "batches), MeZO's forward passes over the method's at that point; where it does not, the forward "
+            "passes MeZO needed to reach the method's final loss (interpolated) over the method's. Per second: "
+            "the same with training seconds. "
+            f"Baseline: `{args.baseline}`" + (f"; eval points up to {args.upto} forward passes" if args.upto else "")
+            + ". A label METHOD@LR is a run at a non-default lr.\n\n"
             + "\n".join(summarise(records, args)) + timing_table(timings))
     write_section(Path(args.out), text, "methods")
 

@@ -163,3 +163,58 @@ def test_fzoo_trains_and_reports_the_centre_loss():
     for _ in range(100):
         opt.step(loss)
     assert loss() < 0.5 * start
+
+
+def test_fzoo_composes_with_a_gaussian_direction():
+    model, loss, _ = quadratic()
+    opt = zotune.ZOOptimizer(model.named_parameters(), lr=0.05, eps=1e-3, method="fzoo-code",
+                             direction="gaussian", seed=0)
+    start = loss()
+    for _ in range(100):
+        opt.step(loss)
+    assert type(opt.direction).__name__ == "Gaussian" and loss() < 0.5 * start
+
+
+def test_fzoo_under_lora_moves_only_the_adapters():
+    from zotune.models import select_trainable, tiny_model
+    from zotune.objectives import CandidateScorer
+    from zotune.tasks.base import Example
+
+    model, tok = tiny_model("llama", seed=3)
+    model = select_trainable(model, "lora", seed=0)
+    model.eval()
+    scorer = CandidateScorer(model, tok, max_length=64)
+    examples = [Example(prompt="It was" + " the" * i, candidates=(" great", " bad"), label=i % 2) for i in range(4)]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = zotune.ZOOptimizer(model, lr=1e-2, eps=1e-2, method="fzoo-code", seed=0)
+    for _ in range(3):
+        opt.step(lambda: scorer.classification_loss(examples))
+    assert opt.forward_passes == 27 and opt.skipped_steps == 0
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]) == ("lora_" not in n), n
+
+
+def test_fzoo_with_a_backprop_tail_and_a_skipped_head_step():
+    """ElasticZO's split: FZOO drives the head, backprop the tail, from the same N + 1 forwards;
+    when the head's losses have no spread (the loss ignores the head) the head step is skipped and
+    the tail is still updated."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+    x = torch.randn(8, 4)
+    head, tail = model[0].weight.detach().clone(), model[1].weight.detach().clone()
+    opt = zotune.ZOOptimizer(model.named_parameters(), lr=0.01, method="fzoo-code", bp_layers=1, lr_bp=0.1,
+                             model=model, seed=0)
+    opt.step(lambda: model[1](x).pow(2).mean())  # the head is never called: every loss is equal
+    assert torch.equal(model[0].weight, head) and not torch.equal(model[1].weight, tail)
+    assert opt.forward_passes == 9
+    opt.step(lambda: model(x).pow(2).mean())
+    assert not torch.equal(model[0].weight, head)
+
+
+def test_cli_default_lr_of_the_code_form_is_the_papers_over_eps():
+    from zotune.config import TrainConfig
+
+    paper = TrainConfig.from_flat(method="fzoo").resolved().method
+    code = TrainConfig.from_flat(method="fzoo-code").resolved().method
+    assert code.lr == pytest.approx(paper.lr / paper.eps) and code.eps == paper.eps
+    assert TrainConfig.from_flat(method="fzoo-code", lr=0.5).resolved().method.lr == 0.5

@@ -87,12 +87,14 @@ differences measure nothing and its update would be a random walk (docs/design.m
 OFFLOAD_OPTIONS = ("offload_to", "offload_dir", "resident_blocks", "overlap", "fsync", "page_cache",
                    "transfer_dtype", "storage_dtype", "device")
 """Options of ``engine="offload"`` (``engines/offload.py``), passed to the engine as given."""
+ENGINE_OPTIONS = {"offload": OFFLOAD_OPTIONS, "batched": ("points_per_forward",)}
+"""The options each engine that takes its own options takes (by engine name)."""
 OPTIONS = ("seed", "direction", "num_probes", "one_sided", "momentum", "betas", "adam_eps", "schedule",
            "warmup_steps", "total_steps", "defer_update", "estimator", "update", "kernel", "projection",
            "clip_norm", "transforms", "chunk_size", "master_weights", "threads", "engine", "rng_device",
            "low_precision_probes", "coupled_decay", "model", "bp_layers", "tail", "tail_grad", "lr_bp",
            "tail_update", "tail_momentum", "tail_weight_decay", "rank", "parallel", "sparsity",
-           "rge_mode", "mask_redraw_steps", *OFFLOAD_OPTIONS)
+           "rge_mode", "mask_redraw_steps", *OFFLOAD_OPTIONS, *ENGINE_OPTIONS["batched"])
 
 
 def decays(name: str, param, named: bool) -> bool:
@@ -287,6 +289,11 @@ def build(entries, *, eps: float, method: str, group_lrs, group_weight_decays, s
     if table is not None:
         entries = [(e[0], e[1], e[2], not table.no_weight_decay(e[0]), *e[4:]) for e in entries]
     engine_options = {k: v for k, v in engine_options.items() if v is not None}
+    if isinstance(engine, str):
+        foreign = sorted(k for k in engine_options if k not in ENGINE_OPTIONS.get(engine, ()))
+        if foreign:
+            owners = [name for name, keys in ENGINE_OPTIONS.items() if foreign[0] in keys]
+            raise ValueError(f"{', '.join(foreign)} apply to engine={owners[0]!r} only, not {engine!r}")
     if getattr(engine_cls, "needs_model", False):
         engine_options["model"] = model
     elif engine_options:

@@ -293,7 +293,8 @@ class MethodConfig:
     flat_prefix: ClassVar[str] = ""
     name: str = setting("mezo", "ZO method (a preset of the parts below)", flat="method",
                         choices=_methods)
-    lr: float | None = setting(None, "learning rate", default_text=_default_by_scheme(DEFAULT_LR))
+    lr: float | None = setting(None, "learning rate", default_text=_default_by_scheme(DEFAULT_LR)
+                               + "; fzoo-code: that over eps")
     eps: float | None = setting(None, "perturbation scale",
                                 default_text=_default_by_scheme(DEFAULT_EPS))
     num_probes: int | None = setting(None, "directions per step (n-SPSA)",
@@ -410,7 +411,8 @@ class EngineConfig:
                                  "(2 parameter sweeps per step)", resume=FREE)
     # Engines give bitwise equal runs (tests/test_offload.py), so a resumed run may switch.
     name: str = setting("in-memory", "where parameters live: in-memory, or offload (stream blocks "
-                        "from host memory or disk, for models larger than the device)", flat="engine",
+                        "from host memory or disk, for models larger than the device), or batched "
+                        "(in memory, all probe points in one forward: for GPUs, slower on CPU)", flat="engine",
                         resume=FREE, choices=lambda: tuple(e for e in _engines() if e != "reference"),
                         added=True)
     offload_to: str = setting("cpu", "offload tier (--engine offload): cpu memory or disk "
@@ -439,6 +441,8 @@ class EngineConfig:
 
     def engine_options(self) -> dict:
         """The ZOOptimizer arguments of this section beyond ``defer_update``."""
+        if self.name == "batched":
+            return {"engine": "batched"}
         if self.name != "offload":
             return {}
         return {"engine": "offload", "offload_to": self.offload_to, "offload_dir": self.offload_dir,
@@ -545,10 +549,12 @@ class TrainConfig:
         trainable scheme, validated."""
         cfg = self.with_absolute_paths()
         scheme = cfg.model.trainable
-        if cfg.method.lr is None:
-            cfg.method.lr = DEFAULT_LR.get(scheme, 1e-6)
         if cfg.method.eps is None:
             cfg.method.eps = DEFAULT_EPS.get(scheme, 1e-3)
+        if cfg.method.lr is None:
+            cfg.method.lr = DEFAULT_LR.get(scheme, 1e-6)
+            if cfg.method.name == "fzoo-code":  # its step has no 1/eps: lr_code = lr_paper / eps
+                cfg.method.lr /= cfg.method.eps
         cfg.validate()
         return cfg
 

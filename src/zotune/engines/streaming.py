@@ -84,10 +84,11 @@ def swapped(model: nn.Module, table, make):
             setattr(parent, child, original)
 
 
-def record(objective, vocab: int, dtype: torch.dtype, *, forbid=None) -> list[ModelCall]:
+def record(objective, vocab: int, dtype: torch.dtype, *, forbid=None, engine: str = "offload") -> list[ModelCall]:
     """The model calls ``objective()`` makes, answered with zero logits (its result dropped).
 
-    ``forbid`` is a module whose direct call (outside a runner) makes this an error."""
+    ``forbid`` is a module whose direct call (outside a runner) makes this an error; ``engine``
+    names the engine in the error messages."""
     calls: list[ModelCall] = []
     runners = {}
 
@@ -100,7 +101,7 @@ def record(objective, vocab: int, dtype: torch.dtype, *, forbid=None) -> list[Mo
         return torch.zeros(ids.shape[0], keep, vocab, dtype=dtype, device=ids.device)
 
     def direct(module, args, kwargs):
-        raise OpaqueObjective("engine 'offload' streams the model through zotune's ModelRunner, but this "
+        raise OpaqueObjective(f"engine {engine!r} drives the model through zotune's ModelRunner, but this "
                               "objective calls the model directly; build it on zotune.objectives "
                               "(CandidateScorer, ModelRunner) or use engine='in-memory'")
 
@@ -114,13 +115,13 @@ def record(objective, vocab: int, dtype: torch.dtype, *, forbid=None) -> list[Mo
         for runner, count in runners.values():  # recording is not a forward pass
             runner.sequences_run = count
     if not calls:
-        raise OpaqueObjective("engine 'offload' needs an objective that calls the model through "
+        raise OpaqueObjective(f"engine {engine!r} needs an objective that calls the model through "
                               "zotune's ModelRunner (zotune.objectives); this one made no model call. "
                               "Use engine='in-memory' for other objectives")
     return calls
 
 
-def replay(objective, calls: list[ModelCall], logits: list[torch.Tensor]):
+def replay(objective, calls: list[ModelCall], logits: list[torch.Tensor], engine: str = "offload"):
     """``objective()`` with its model calls answered by ``logits`` (in the recorded order)."""
     it = iter(range(len(calls)))
 
@@ -128,7 +129,7 @@ def replay(objective, calls: list[ModelCall], logits: list[torch.Tensor]):
         k = next(it, None)
         if k is None or not torch.equal(call.kwargs["input_ids"], calls[k].kwargs["input_ids"]):
             raise ZotuneError("the objective made other model calls than when it was recorded; "
-                              "engine 'offload' needs an objective whose model calls do not depend "
+                              f"engine {engine!r} needs an objective whose model calls do not depend "
                               "on the parameters")
         return logits[k]
 
