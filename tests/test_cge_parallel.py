@@ -51,9 +51,8 @@ def run(kind: str, topology, steps: int) -> dict:
         if topology is not None:
             sent.append(dict(topology.comm.sent))
             plan = opt.core.program.plan(opt.core)
-            cs = opt.core.engine.coordinate_shards
-            align = 4 if kind == "batched" else 1
-            shards.append([(r.start, r.stop) for r in cs.split(plan, topology.pertp, align)])
+            shards.append([(r.start, r.stop) for r in opt.core.engine.coordinate_shards.last])
+            assert shards[-1][-1][1] == len(plan.coords)
     opt.flush()
     return {"losses": losses, "sent": sent, "shards": shards,
             "state": {k: v.clone() for k, v in model.state_dict().items()},

@@ -42,6 +42,7 @@ class CoordinateShards:
 
     def __init__(self) -> None:
         self.cost: dict[int, float] = {}  # layout index -> seconds per coordinate
+        self.last: list[range] = []  # the ranges of the last plan evaluated
 
     def weights(self, plan: CoordinatePlan) -> torch.Tensor:
         known = list(self.cost.values())
@@ -50,7 +51,7 @@ class CoordinateShards:
 
     def split(self, plan: CoordinatePlan, ranks: int, align: int = 1) -> list[range]:
         """``ranks`` contiguous ranges of ``plan.coords`` of about equal total cost: range r ends
-        at the first coordinate where the cumulative cost passes ``(r + 1) / ranks`` of the total,
+        where the cumulative cost is closest to ``(r + 1) / ranks`` of the total,
         moved to the nearest multiple of ``align`` from the start of its tensor's run (so a
         batched objective with a fixed P groups the coordinates as in one process)."""
         n = len(plan.coords)
@@ -58,8 +59,12 @@ class CoordinateShards:
             return [range(n)] + [range(n, n)] * (ranks - 1)
         cum = torch.cumsum(self.weights(plan), 0)
         total = float(cum[-1])
-        cuts = [0] + [self._snap(plan, int(torch.searchsorted(cum, total * (r + 1) / ranks).item()) + 1, align)
-                      for r in range(ranks - 1)] + [n]
+        def nearest(target: float) -> int:  # the cut whose cost before it is closest to target
+            j = int(torch.searchsorted(cum, target).item())
+            before = lambda c: float(cum[c - 1]) if c > 0 else 0.0  # noqa: E731
+            return min((c for c in (j, j + 1) if c <= n), key=lambda c: (abs(before(c) - target), c))
+
+        cuts = [0] + [self._snap(plan, nearest(total * (r + 1) / ranks), align) for r in range(ranks - 1)] + [n]
         cuts = [min(max(c, 0), n) for c in cuts]
         for r in range(1, len(cuts)):  # monotone
             cuts[r] = max(cuts[r], cuts[r - 1])
@@ -96,6 +101,7 @@ def evaluate_sharded(engine, plan: CoordinatePlan, objective) -> list[float]:
     shards = engine.__dict__.setdefault("coordinate_shards", CoordinateShards())
     batched = getattr(objective, "coordinate_losses", None)
     ranges = shards.split(plan, topo.pertp, getattr(getattr(batched, "__self__", None), "alignment", 1))
+    shards.last = ranges  # the cut this step used
     learning = shards.missing(plan)
     costs: dict = {}
     local = evaluate_local(engine.inner, plan, objective, ranges[topo.pertp_rank], costs if learning else None)
