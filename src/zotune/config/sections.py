@@ -401,7 +401,8 @@ class EngineConfig:
                                   resume=FREE, added=True)
     query_batch: str = setting("1", "cge/deepzero on image tasks: coordinate queries of one block "
                                "evaluated in one vmap call, an integer P or auto (P measured per "
-                               "block); 1 is plain feature reuse", added=True)
+                               "block); 1 is plain feature reuse (all bitwise equal, so a resumed "
+                               "run may change it)", resume=FREE, added=True)
 
     def engine_options(self) -> dict:
         """The ZOOptimizer arguments of this section beyond ``defer_update``."""
