@@ -2,27 +2,35 @@ r"""Batched coordinate queries: P perturbations of one block in one call, on top
 
 DeepZero's CGE evaluates :math:`\ell(\theta + \mu e_i)` for every active coordinate. With feature
 reuse (``models/reuse.py``) a coordinate of block j reruns blocks j..J-1 from the cached input
-:math:`z_j`. :class:`QueryBatchLoss` runs P such coordinates of the same block together:
+:math:`z_j`, one query at a time. :class:`QueryBatchLoss` runs P moves of one tensor of block j
+together, keeping the P copies' activations *folded* as one batch of P*B rows:
 
-1. block j's parameters are stacked P times (only the tensors some move touches), copy p with
-   move p written in (:math:`\mathrm{fl}(\theta_i + \mu)`, as the engine would write it);
-2. ``torch.func.vmap`` over ``functional_call(block_j, stacked, z_j)`` gives P outputs from the
-   one cached input (a convolution with P stacked weights is one convolution with P times the
-   output channels);
-3. the later blocks run under ``vmap`` on the P outputs with their own (shared) parameters:
-   each copy keeps its own BatchNorm batch statistics (vmap's batch-norm rule normalises every
-   copy over its own batch), nothing is mixed between copies;
-4. the loss of each copy is ``loss_fn`` on its logits, the call the one-at-a-time path makes.
+1. the moved tensor is stacked P times, copy p with move p written in (the value the engine
+   would write, :math:`\mathrm{fl}(\theta_i + \mu)`);
+2. a convolution or linear layer with P stacked weights runs as one layer with P times the output
+   channels; when the moved tensor is a block's first convolution and the rest of the block works
+   channel by channel (BatchNorm, ReLU, pooling), a move of output channel o changes channel o
+   only, so each copy is the cached base output of the block with that one channel recomputed
+   (one convolution with P output channels: 1/C of the block's work per query);
+3. later units run on the folded batch: per-example modules (convolutions, linear layers,
+   activations, pooling) as one call on P*B rows; train-mode BatchNorm as one call on
+   ``(B, P * C, ...)``, so each copy is normalised over its own batch (per-query statistics);
+   a unit of another kind under ``torch.func.vmap``, or one call per copy;
+4. the loss of each copy is ``loss_fn`` on its rows of the logits, the call one query makes.
 
-BatchNorm's running statistics are left alone during batched queries (the base query, a plain
-call, updates them once per step as ``OnePassStatistics`` arranges). Exactness: the losses are
-those of the moves one at a time up to the reduction order of the batched kernels
-(``tests/test_query_batch.py`` measures the difference and states the tolerance in float32 and
-float64). P per block is fixed (``query_batch=P``) or measured (``"auto"``, :class:`QueryBatch`:
-on the first step the first groups of each block are timed at P = 1, 2, 4, ... and the fastest
-per query is kept). ``P = 1`` is plain feature reuse (the move written into the parameter,
-``ChainLoss``). Cost per group: one forward of blocks j..J-1 on P stacked copies; memory: P
-activations per block.
+Exactness: every fast form is compared bitwise with the reference (``functional_call`` per copy,
+the very call the one-at-a-time path makes) the first time it meets a (unit, P, input shape)
+(:class:`Stacking`); where it differs (another kernel or summation order: on this CPU a linear
+layer with stacked weights, vmap's batch norm, float64 stacked convolutions) the reference is
+used for that shape from then on. So the losses are those of the moves one at a time, bitwise
+(tests/test_query_batch.py, in float32 and float64), for any P and any grouping. Kernels are
+deterministic for fixed shapes on CPU; the check is per shape for that reason. BatchNorm's
+running statistics are left alone (the base query, a plain call, updates them once per step as
+``OnePassStatistics`` arranges). P per block is fixed (``query_batch=P``) or measured
+(``"auto"``, :class:`QueryBatch`: on the first step the first groups of each block are timed at
+P = 1, 2, 4, ... and the fastest per query is kept). ``P = 1`` is plain feature reuse. Cost per
+group: one forward of blocks j..J-1 on P*B rows (blocks j on 1/C of it with the channel form),
+plus, once per shape, the reference; memory: P activations per block.
 """
 from __future__ import annotations
 
