@@ -163,6 +163,7 @@ def main() -> None:
     state_file = Path(f"/tmp/deepzero-bench-{os.getpid()}.pt")
     ranks = Ranks(args, state_file) if "pertp2" in modes else None
     cpu_times: list[list[float]] = []
+    cpu_of: dict[str, list[float]] = {}  # CPU seconds per step of the in-process modes
     try:
         for x, y in data:
             for mode in modes:
@@ -172,9 +173,10 @@ def main() -> None:
                     runs.setdefault("pertp2", (None, None, None, []))[3].append(wall)
                     continue
                 model, stats, opt, times = runs[mode]
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 opt.step(stats.wrap(objective(mode, model, x, y, size)))
                 times.append(time.perf_counter() - t0)
+                cpu_of.setdefault(mode, []).append(time.process_time() - c0)
     finally:
         if ranks is not None:
             ranks.close()
@@ -206,6 +208,11 @@ def main() -> None:
                     theirs = torch.load(state_file, weights_only=True)
                     extra += (f"; largest parameter difference from batched "
                               f"{largest_difference(runs['batched'][0].state_dict(), theirs):.3g}")
+        if mode in cpu_of:
+            cpu = statistics.median(cpu_of[mode][skip if mode == "batched" else 0:])
+            extra += f"; CPU {cpu:.2f} s/step"
+            if mode == "batched" and "reuse" in cpu_of:
+                extra += f" ({statistics.median(cpu_of['reuse']) / cpu:.2f}x reuse's CPU)"
         steps = ", ".join(f"{t:.2f}" for t in runs[mode][3])
         ratio = f", {base / med[mode]:.2f}x plain" if base else ""
         print(f"  {mode:8s} {med[mode]:7.2f} s/step (steps: {steps}){ratio}{extra}")
