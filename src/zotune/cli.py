@@ -190,6 +190,10 @@ def cmd_eval(args) -> int:
     cfg = cfg.updated(given, source=COMMAND_LINE)
     if args.task_file is not None:
         _check_task_flags(args.task, cfg)
+    from .train_images import is_image_task
+    if is_image_task(cfg):  # small networks: their own trainers and test set
+        from .eval_images import print_image_eval
+        return print_image_eval(cfg, run, args)
     task = load_task(cfg)
     d = cfg.data
     data = task.load(d.data_dir, num_train=d.num_train, num_dev=d.num_dev,

@@ -74,6 +74,31 @@ class ImageRunState:
     memory: dict = field(default_factory=dict)
 
 
+def seeded_model(cfg, data):
+    """The run's model, initialised from the run seed (the global RNG is left untouched)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(rng.mix(cfg.run.seed, 0x4D4F44454C))
+        return build_model(cfg.model.name, data.num_classes, data.in_channels)
+
+
+def trainer_options(cfg) -> dict:
+    """The options an :class:`~zotune.image_trainers.ImageTrainer` builder receives."""
+    m = cfg.method
+    return {"lr": m.lr, "lr_bp": m.lr_bp, "eps": m.eps, "seed": cfg.run.seed, "bp_layers": m.bp_layers,
+            "tail_grad": m.tail_grad, "momentum": m.momentum, "weight_decay": m.weight_decay,
+            "direction": m.direction, "sparsity": m.sparsity, "num_probes": m.num_probes,
+            "query_batch": query_batch(cfg.engine.query_batch)}
+
+
+def trainer_for(cfg, model, parallel=None):
+    """The method's trainer on ``model`` (on the mesh ``parallel``, a Topology, with
+    ``--parallel``); a bad option is a one-line error."""
+    try:
+        return build_trainer(cfg.method.name, model, {**trainer_options(cfg), "parallel": parallel})
+    except ValueError as err:
+        raise ZotuneError(f"method {cfg.method.name!r}: {err}") from None
+
+
 def accuracy(trainer, images: torch.Tensor, labels: torch.Tensor, task: str, batch_size: int,
              desc: str) -> float:
     """Test accuracy (%) of the trainer's current parameters."""
@@ -108,19 +133,11 @@ def run(cfg, *, resume: bool = False, progress: bool = True) -> dict:
 
     prog.phase(f"loading data: {d.task}")
     data = IMAGE_TASKS[d.task](d.data_dir)
-    with torch.random.fork_rng():  # the model's initialisation from the run seed, global RNG untouched
-        torch.manual_seed(rng.mix(r.seed, 0x4D4F44454C))
-        model = build_model(cfg.model.name, data.num_classes, data.in_channels)
+    model = seeded_model(cfg, data)
     prog.phase(f"model: {cfg.model.name} ({sum(p.numel() for p in model.parameters()):,} parameters), "
                f"method {m.name}")
-    options = {"lr": m.lr, "lr_bp": m.lr_bp, "eps": m.eps, "seed": r.seed, "bp_layers": m.bp_layers,
-               "tail_grad": m.tail_grad, "momentum": m.momentum, "weight_decay": m.weight_decay,
-               "direction": m.direction, "sparsity": m.sparsity, "num_probes": m.num_probes,
-               "query_batch": query_batch(cfg.engine.query_batch)}
-    try:
-        trainer = build_trainer(m.name, model, {**options, "parallel": rank.topology})
-    except ValueError as err:
-        raise ZotuneError(f"method {m.name!r}: {err}") from None
+    options = trainer_options(cfg)
+    trainer = trainer_for(cfg, model, rank.topology)
     batches = Batches(data.train_images, data.train_labels, d.task, d.batch_size, r.seed, d.augment)
     steps = d.epochs * batches.steps_per_epoch if d.epochs else r.steps
     tensors = dict(model.state_dict())  # parameters and BN buffers, shared with the model
