@@ -16,8 +16,9 @@ DeepZero's forward parallelisation (research note B.6) through the point-paralle
 The shards are contiguous runs of the plan (coordinates of one block stay together, so each rank
 restarts its forwards from few cached blocks) of equal *measured* cost, not equal count: a
 coordinate of an early block reruns more of the network than one of the head. The cost of a
-coordinate is the CPU time per coordinate of its tensor, measured while evaluating; the ranks
-all-gather their measurements (2 float64 per tensor, only while some tensor of the plan has none)
+coordinate is the CPU time per coordinate of its tensor, measured while evaluating (from the
+second step on: the first pays one-time costs); the ranks all-gather their measurements (2
+float64 per tensor, only while some tensor of the plan has none)
 so they agree on the costs and cut the same shards. A tensor not measured yet costs the mean of
 those measured (1 when none is: the first step splits by count). The costs are kept by tensor,
 so when the masks are redrawn the new plan is cut by the same costs (research note B.10: rebuild
@@ -43,6 +44,7 @@ class CoordinateShards:
     def __init__(self) -> None:
         self.cost: dict[int, float] = {}  # layout index -> seconds per coordinate
         self.last: list[range] = []  # the ranges of the last plan evaluated
+        self.plans = 0  # plans evaluated
 
     def weights(self, plan: CoordinatePlan) -> torch.Tensor:
         known = list(self.cost.values())
@@ -102,7 +104,10 @@ def evaluate_sharded(engine, plan: CoordinatePlan, objective) -> list[float]:
     batched = getattr(objective, "coordinate_losses", None)
     ranges = shards.split(plan, topo.pertp, getattr(getattr(batched, "__self__", None), "alignment", 1))
     shards.last = ranges  # the cut this step used
-    learning = shards.missing(plan)
+    # measured from the second plan on: the first pays one-time costs (kernel warm-up, the
+    # batched objective's exactness checks) that would bias the cut
+    shards.plans += 1
+    learning = shards.plans > 1 and shards.missing(plan)
     costs: dict = {}
     local = evaluate_local(engine.inner, plan, objective, ranges[topo.pertp_rank], costs if learning else None)
     per = max(len(r) for r in ranges)
