@@ -22,7 +22,8 @@ OLD_FLAT = ("task task_file model method direction trainable pattern lora_r lora
 # Settings added since (issue 10: skip_bad_rows, keep_checkpoints), each with its generated flag;
 # config.json holds them only where they are not at their default (TrainConfig.saved), so it keeps the 59 keys.
 NEW_FLAT = ("skip_bad_rows", "keep_checkpoints", "engine", "offload_to", "offload_dir", "resident_blocks",
-            "parallel", "pertp", "dist_timeout", "transfer_dtype", "storage_dtype")
+            "parallel", "pertp", "dist_timeout", "transfer_dtype", "storage_dtype",
+            "query_batch")  # query_batch: issue 15
 IMAGE_FLAT = ("epochs", "augment", "bp_layers", "lr_bp", "tail_grad", "momentum",
               "sparsity", "cnn_width", "cnn_depth", "rge_mode", "layer_ratios", "mask_redraw_epochs",
               "warmup_epochs")  # issue 11; sparsity and after: issue 15

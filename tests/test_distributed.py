@@ -181,8 +181,6 @@ def test_the_wrapper_changes_nothing_on_every_preset(monkeypatch):
         for name in PRESETS:
             if name.startswith("elasticzo") or "tail" in name:  # refused under parallel (test below)
                 continue
-            if PRESETS[name]["method"] in ("cge", "deepzero"):  # refused under parallel (test_cge.py)
-                continue
             runs = []
             for extra in ({"master_weights": True}, {"master_weights": True, "parallel": topology}):
                 monkeypatch.setattr(zotune, "ZOOptimizer", optimizer(**extra))

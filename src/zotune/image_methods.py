@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .image_trainers import register
+from .models.query_batch import QueryBatch, QueryBatchLoss
 from .models.reuse import ChainLoss
 from .models.vision import OnePassStatistics
 from .optim import ZOOptimizer
@@ -91,11 +92,19 @@ class ZOTrainer:
                       tail_grad=options.get("tail_grad") or "avg", lr_bp=options["lr_bp"],
                       tail_update="momentum" if momentum else "sgd", tail_momentum=momentum or 0.9,
                       tail_weight_decay=options.get("weight_decay") or 0.0)
+        if options.get("parallel") is not None:  # a Topology: coordinate shards (--parallel pertp)
+            kw["parallel"] = options["parallel"]
         self.opt = ZOOptimizer(model, lr=options["lr"], eps=options["eps"], method=method, **kw)
         self.reuse = method in ("cge", "deepzero") and isinstance(model, nn.Sequential)
+        size = options.get("query_batch")
+        # P coordinates of one block per call (models/query_batch.py); one object, so auto measures once
+        self.query_batch = QueryBatch(size) if self.reuse and size not in (None, 1) else None
 
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
         self.model.train()
+        if self.query_batch is not None:
+            objective = QueryBatchLoss(self.model, images, labels, query_batch=self.query_batch)
+            return float(self.opt.step(self.stats.wrap(objective)))
         if self.reuse:  # coordinate methods: restart each forward at the perturbed block (exact)
             return float(self.opt.step(self.stats.wrap(ChainLoss(self.model, images, labels))))
         return float(self.opt.step(self.stats.wrap(lambda: F.cross_entropy(self.model(images), labels))))

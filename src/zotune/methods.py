@@ -263,9 +263,10 @@ def build(entries, *, eps: float, method: str, group_lrs, group_weight_decays, s
                               tail_weight_decay, tail_grad)
     else:
         program = program or PROGRAMS[spec.get("program", "estimate")]()
-    if isinstance(program, CoordinateStep) and parallel is not None:  # shards of S: issue 15, not yet
-        raise ValueError(f"{method} (coordinate-wise) does not run under "
-                         f"parallel={getattr(parallel, 'mode', parallel)!r} yet; drop parallel")
+    if isinstance(program, CoordinateStep) and parallel is not None and \
+            getattr(parallel, "mode", parallel) != "pertp":  # coordinate shards: distributed/coordinates.py
+        raise ValueError(f"{method} (coordinate-wise) shards its coordinates among point-parallel "
+                         f"ranks: use parallel='pertp', not {getattr(parallel, 'mode', parallel)!r}")
     if isinstance(program, ConservativeStep) and getattr(rule, "name", None) not in STATE_FREE:
         raise ValueError(f"zo-cons compares theta -+ lr g before applying one of them, which needs a "
                          f"state-free update rule ({', '.join(STATE_FREE)}); got {rule.name!r}")

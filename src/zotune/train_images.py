@@ -40,6 +40,16 @@ DEFAULTS = {"backprop": {"lr": 0.05}, "mezo": {"lr": 1e-3, "eps": 1e-3},
 """Image-task defaults by method where ``--lr``/``--eps``/``--lr-bp`` are not given."""
 
 
+def query_batch(value) -> int | str:
+    """``--query-batch``: ``auto`` or an integer >= 1 (a one-line error otherwise)."""
+    text = str(value).strip()
+    if text == "auto":
+        return text
+    if text.isdigit() and int(text) >= 1:
+        return int(text)
+    raise ZotuneError(f"query_batch must be an integer >= 1 or 'auto', got {value!r}")
+
+
 def is_image_task(cfg) -> bool:
     return cfg.data.task_file is None and cfg.data.task in IMAGE_TASKS
 
@@ -79,13 +89,15 @@ def trainer_options(cfg) -> dict:
     return {"lr": m.lr, "lr_bp": m.lr_bp, "eps": m.eps, "seed": cfg.run.seed, "bp_layers": m.bp_layers,
             "tail_grad": m.tail_grad, "momentum": m.momentum, "weight_decay": m.weight_decay,
             "direction": m.direction, "sparsity": m.sparsity, "num_probes": m.num_probes,
-            "rge_mode": m.rge_mode}
+            "rge_mode": m.rge_mode, "query_batch": query_batch(cfg.engine.query_batch)}
 
 
-def trainer_for(cfg, model, extra: dict | None = None):
-    """The method's trainer on ``model`` (``extra`` options on top); a bad option is a one-line error."""
+def trainer_for(cfg, model, extra: dict | None = None, parallel=None):
+    """The method's trainer on ``model`` (``extra`` options on top; on the mesh ``parallel``, a
+    Topology, with ``--parallel``); a bad option is a one-line error."""
     try:
-        return build_trainer(cfg.method.name, model, {**trainer_options(cfg), **(extra or {})})
+        return build_trainer(cfg.method.name, model,
+                             {**trainer_options(cfg), **(extra or {}), "parallel": parallel})
     except ValueError as err:
         raise ZotuneError(f"method {cfg.method.name!r}: {err}") from None
 
@@ -114,11 +126,13 @@ def run(cfg, *, resume: bool = False, progress: bool = True) -> dict:
     from .report import plot_curves
     from .train import _peak_rss_gib, _truncate_metrics, _write_json, open_run_directory
 
+    from .distributed import run as ranks
     from .sparsity import protocol
 
     cfg = with_defaults(protocol.with_deepzero_defaults(cfg)).resolved()
     protocol.check(cfg)
     d, m, r = cfg.data, cfg.method, cfg.run
+    rank = ranks.current()  # --parallel pertp: every rank steps, rank 0 alone writes and evaluates
     out = Path(r.output_dir)
     open_run_directory(out, cfg, resume)
 
@@ -133,7 +147,7 @@ def run(cfg, *, resume: bool = False, progress: bool = True) -> dict:
         prog.phase(f"layer-wise ratios: {m.layer_ratios} at sparsity {m.sparsity:g}")
     extra, ratios = protocol.run_options(cfg, model, data, out, resume, steps, batches.steps_per_epoch)
     options = {**trainer_options(cfg), **extra}
-    trainer = trainer_for(cfg, model, extra)
+    trainer = trainer_for(cfg, model, extra, rank.topology)
     tensors = dict(model.state_dict())  # parameters and BN buffers, shared with the model
     metrics = out / "metrics.jsonl"
     state = ImageRunState()
@@ -143,7 +157,7 @@ def run(cfg, *, resume: bool = False, progress: bool = True) -> dict:
         state = ImageRunState(**saved)
         _write_json(out / "config.json", cfg.saved())
         _truncate_metrics(metrics, state.step)
-    else:
+    elif rank.is_writer:
         metrics.write_text("")
         prog.phase("measuring the training memory on two batches")
         state.memory = training_memory(lambda copy: build_trainer(m.name, copy, options), model,
@@ -161,11 +175,14 @@ def run(cfg, *, resume: bool = False, progress: bool = True) -> dict:
         nonlocal saved_at
         state.wall_time = time.perf_counter() - start
         with prog.timed(report.checkpoint_time):
-            checkpoint.save(out, state.step, tensors, dataclasses.asdict(state), trainer.state_dict(),
+            if rank.is_writer:
+                checkpoint.save(out, state.step, tensors, dataclasses.asdict(state), trainer.state_dict(),
                             keep=r.keep_checkpoints)
         saved_at = state.step
 
     def finish(final: str, evaluate: bool) -> dict:
+        if not rank.is_writer:
+            return {}
         if evaluate and state.last_test is None:
             state.last_test = accuracy(trainer, data.test_images, data.test_labels, d.task,
                                        d.eval_batch_size, "test")
@@ -191,7 +208,7 @@ def run(cfg, *, resume: bool = False, progress: bool = True) -> dict:
     bar = report.train_bar(steps, state.step, f"{d.task} {m.name}")
     try:
         while state.step < steps:
-            if r.max_time and time.perf_counter() - start > r.max_time:
+            if r.max_time and rank.decide(time.perf_counter() - start > r.max_time):
                 status = "max_time"
                 with signals.deferred():
                     if saved_at != state.step:
@@ -206,7 +223,7 @@ def run(cfg, *, resume: bool = False, progress: bool = True) -> dict:
                 state.step_time += time.perf_counter() - t0
                 state.step += 1
                 window.append(loss)
-                if state.step % r.log_every == 0 or state.step == steps:
+                if rank.is_writer and (state.step % r.log_every == 0 or state.step == steps):
                     finite = [v for v in window if math.isfinite(v)]
                     _log(metrics, {"step": state.step, "loss": sum(finite) / max(1, len(finite)),
                                    "epoch": state.step / batches.steps_per_epoch,
@@ -215,12 +232,13 @@ def run(cfg, *, resume: bool = False, progress: bool = True) -> dict:
                 state.last_test = None
             bar.set_postfix_str(f"loss={loss:.4f}", refresh=False)
             bar.update(1)
-            if state.step % r.eval_every == 0 or state.step == steps:
+            if rank.is_writer and (state.step % r.eval_every == 0 or state.step == steps):
                 state.last_test = accuracy(trainer, data.test_images, data.test_labels, d.task,
                                            d.eval_batch_size, f"test at step {state.step}")
                 with signals.deferred():
                     _log(metrics, {"step": state.step, "test": state.last_test})
                     save()
+            rank.agree_on_stop(signals)  # a signal to any rank stops all after this step
             signals.check()
     except KeyboardInterrupt as stop:
         bar.close()

@@ -438,6 +438,10 @@ class EngineConfig:
     dist_timeout: float = setting(1800.0, "seconds a rank waits for the others before stopping "
                                   "with an error (must exceed rank 0's longest evaluation)",
                                   resume=FREE, added=True)
+    query_batch: str = setting("auto", "cge/deepzero on image tasks: coordinate queries of one block "
+                               "evaluated together, an integer P or auto (P measured per block on "
+                               "the first step); 1 is plain feature reuse (all bitwise equal, so a "
+                               "resumed run may change it)", resume=FREE, added=True)
 
     def engine_options(self) -> dict:
         """The ZOOptimizer arguments of this section beyond ``defer_update``."""

@@ -116,6 +116,11 @@ class DistributedEngine:
                                       "dp loss gather")
         return [sum(float(s[i]) for s in shards) / topo.dp for i in range(n)]
 
+    def evaluate_coordinates(self, plan, objective) -> list:
+        """A CGE step's coordinate plan, a shard per point-parallel rank (distributed/coordinates.py)."""
+        from ..distributed.coordinates import evaluate_sharded
+        return evaluate_sharded(self, plan, objective)
+
     def apply(self, update, defer: bool = False) -> None:
         self.inner.apply(update, defer)
 

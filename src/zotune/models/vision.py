@@ -181,4 +181,6 @@ class OnePassStatistics:
                     m.running_mean.copy_(mean)
                     m.running_var.copy_(var)
                     m.num_batches_tracked.copy_(count)
+        if hasattr(closure, "coordinate_losses"):  # batched queries leave running stats alone
+            run.coordinate_losses = closure.coordinate_losses
         return run

@@ -90,7 +90,10 @@ def layer_ratios(cfg, model, data, out: Path, resume: bool):
               "num_probes": NUM_PROBES if source == "zo-grasp" else None,
               "eps": EPS if source == "zo-grasp" else None, "per_class": PER_CLASS,
               "overall": weighted_sparsity(ratios, model)}
-    save_ratios(path, ratios, record)
+    from ..distributed import run as ranks
+
+    if ranks.current().is_writer:  # under --parallel every rank computes the same ratios; one file
+        save_ratios(path, ratios, record)
     record["ratios"] = ratios
     return (m.sparsity if source == "uniform" else ratios), record
 
