@@ -134,10 +134,7 @@ class OffloadEngine(InMemoryEngine):
                               "pipeline is not written yet); use --device cpu")
         self._units, self._blocks = self._build_units(base)
         offloaded = [b for b in self._blocks if b.index >= self.resident_blocks]
-        if offload_to == "cpu":
-            self.tier = CpuTier(offloaded, pin=False)
-        else:
-            self.tier = DiskTier(offload_dir, offloaded, fsync=fsync, page_cache=page_cache)
+        self.tier = self._make_tier(offloaded, offload_dir, fsync=fsync, page_cache=page_cache)
         self._log: list[tuple[Terms, Update | None]] = []
         self._log_start = 0  # absolute position of _log[0]
         self._slots: list[torch.Tensor] = []
@@ -208,6 +205,13 @@ class OffloadEngine(InMemoryEngine):
                          and self.offload_to == "disk" else {})
         self._block_units = block_units
         return [*units.values(), *block_units], blocks
+
+    def _make_tier(self, offloaded, offload_dir, *, fsync: bool, page_cache: bool):
+        """The storage of the offloaded blocks (a subclass may store them otherwise:
+        ``engines/sliced.py`` keeps only this rank's slices)."""
+        if self.offload_to == "cpu":
+            return CpuTier(offloaded, pin=False)
+        return DiskTier(offload_dir, offloaded, fsync=fsync, page_cache=page_cache)
 
     @property
     def device(self) -> torch.device:
