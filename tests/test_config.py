@@ -22,7 +22,8 @@ OLD_FLAT = ("task task_file model method direction trainable pattern lora_r lora
 # Settings added since (issue 10: skip_bad_rows, keep_checkpoints), each with its generated flag;
 # config.json holds them only where they are not at their default (TrainConfig.saved), so it keeps the 59 keys.
 NEW_FLAT = ("skip_bad_rows", "keep_checkpoints", "engine", "offload_to", "offload_dir", "resident_blocks",
-            "parallel", "pertp", "dist_timeout")
+            "parallel", "pertp", "dist_timeout",
+            "offload_sliced")  # issue 14: sliced offload
 IMAGE_FLAT = ("epochs", "augment", "bp_layers", "lr_bp", "tail_grad", "momentum",
               "sparsity")  # issue 11; sparsity: issue 15
 OLD_RESUME_KEYS = set(OLD_FLAT) - {"steps", "defer_update", "eval_every", "eval_dev", "eval_batch_size",
