@@ -1,11 +1,11 @@
 """One rank of the sliced-offload tests (started by tests/distributed_launch.py).
 
-    python tests/sliced_worker.py OUT MODE ...
+    python tests/sliced_worker.py OUT MODE[=CONFIG,...] ...
 
-For each mode (``ddp`` or ``pertp``) it trains the tiny Llama for 4 MeZO steps with each engine of
-``CONFIGS`` on ``zotune.distributed.init(mode)`` and writes this rank's losses, final parameters,
-bytes sent per step, the slice cuts and what its storage holds to ``OUT/MODE-CONFIG-rankR.pt``.
-Batch of step t: 4 examples, sharded by data-parallel rank."""
+For each mode (``ddp``, ``pertp``, ``2d``) it trains the tiny Llama for 4 MeZO steps with each
+engine of ``CONFIGS`` (or those named) on ``zotune.distributed.init(mode)`` and writes this rank's
+losses, final parameters, bytes sent per step, the slice cuts and what its storage holds to
+``OUT/MODE-CONFIG-rankR.pt``. Batch of step t: 4 examples, sharded by data-parallel rank."""
 import sys
 from pathlib import Path
 
@@ -64,8 +64,9 @@ def run(out: Path, mode: str, name: str) -> None:
 
 def main(out: Path, modes: list[str]) -> None:
     torch.set_num_threads(1)
-    for mode in modes:
-        for name in CONFIGS:
+    for spec in modes:  # MODE or MODE=CONFIG,CONFIG,...
+        mode, _, names = spec.partition("=")
+        for name in names.split(",") if names else CONFIGS:
             run(out, mode, name)
 
 

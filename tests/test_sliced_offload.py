@@ -58,59 +58,69 @@ def slices_of(path: Path):
         return f.get_tensor("flat"), int(meta["slice_start"]), int(meta["slice_stop"]), int(meta["block_numel"])
 
 
-def test_sliced_equals_unsliced_stores_slices_and_sends_the_predicted_bytes(tmp_path):
-    world, modes = 2, ("ddp", "pertp")
-    ok(launch(world, [WORKER, tmp_path, *modes], timeout=300))
-    for mode in modes:
-        got = {name: [torch.load(tmp_path / f"{mode}-{name}-rank{r}.pt") for r in range(world)]
-               for name in CONFIGS}
-        losses = {"dp loss gather": 16} if mode == "ddp" else {"pertp loss gather": 8}
-        for name, ranks in got.items():
-            ref = got["in-memory-c48" if name.endswith("c48") else "in-memory"][0]
+def check_mode(out: Path, mode: str, world: int, names, losses: dict, node: int) -> None:
+    """Every config of ``mode`` bitwise the in-memory engine on every rank; for sliced ones, the
+    bytes sent, what each rank stores and reads, on slice groups of ``node`` consecutive ranks."""
+    got = {name: [torch.load(out / f"{mode}-{name}-rank{r}.pt") for r in range(world)] for name in names}
+    for name, ranks in got.items():
+        ref = got["in-memory-c48" if name.endswith("c48") else "in-memory"][0]
+        for r, rec in enumerate(ranks):
+            assert rec["losses"] == ref["losses"], (mode, name, r)  # bitwise, every rank
+            assert rec["params"].keys() == ref["params"].keys()
+            for key, value in ref["params"].items():
+                assert torch.equal(rec["params"][key], value), (mode, name, r, key)
+            if "sliced" not in name:  # only the losses travel
+                assert rec["sent"] == [losses] * 4, (mode, name, rec["sent"])
+                continue
+            k, peers = r % node, ranks[r - r % node:r - r % node + node]  # slice k of its node
+            cuts, numel = rec["cuts"], rec["block_numel"]
+            assert sorted(cuts) == [0, 1]  # both blocks of the tiny Llama are offloaded
+            for j, cut in cuts.items():  # contiguous, ordered, covering the block
+                assert len(cut) == node and cut[0][0] == 0 and cut[-1][1] == numel[j]
+                assert all(a[1] == b[0] for a, b in zip(cut, cut[1:])) and 0 < cut[0][1] < numel[j]
+            # per step: each block's all-gather of the longest slice (fp32), one barrier, the losses
+            width = sum(max(e - s for s, e in cut) for cut in cuts.values())
+            assert rec["gather_bytes"] == 4 * width
+            assert rec["sent"] == [{**losses, SLICE_GATHER: 4 * width, SLICE_BARRIER: 8}] * 4, (
+                mode, name, rec["sent"])
+            # storage: this rank's slice of every block, read once per pass (4 steps + flush)
+            assert rec["bytes_read"] == 5 * 4 * sum(cut[k][1] - cut[k][0] for cut in cuts.values())
+            for j, cut in cuts.items():
+                assert rec["own"][j].numel() == cut[k][1] - cut[k][0]
+                # the node's slices, in order, are the block: one copy of the model per node
+                assert torch.equal(torch.cat([p["own"][j] for p in peers]), rec["blocks"][j])
+                # cut at a tensor boundary, or at a boundary of one of its chunks
+                bounds, at = rec["bounds"][j], cut[0][1]
+                tensor = max(b for b in bounds if b <= at)
+                assert (at - tensor) % (48 if name.endswith("c48") else 1 << 20) == 0
+                if name.endswith("c48"):  # chunks of 48: the cut falls inside a tensor
+                    assert at not in bounds
+            if name.startswith("sliced-cpu"):
+                assert rec["shm_dir_left"] is False  # unlinked once mapped: nothing can leak
+        if name == "sliced-disk":  # each rank's directory holds exactly its slices
+            root = out / f"{mode}-sliced-disk-tier"
+            assert sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()) == [
+                f"rank-{r:05d}/block-{j:05d}.safetensors" for r in range(world) for j in (0, 1)]
             for r, rec in enumerate(ranks):
-                assert rec["losses"] == ref["losses"], (mode, name, r)  # bitwise, every rank
-                assert rec["params"].keys() == ref["params"].keys()
-                for key, value in ref["params"].items():
-                    assert torch.equal(rec["params"][key], value), (mode, name, r, key)
-                if "sliced" not in name:  # only the losses travel
-                    assert rec["sent"] == [losses] * 4, (mode, name, rec["sent"])
-                    continue
-                cuts, numel = rec["cuts"], rec["block_numel"]
-                assert sorted(cuts) == [0, 1]  # both blocks of the tiny Llama are offloaded
-                for j, cut in cuts.items():  # contiguous, ordered, covering the block
-                    assert cut[0][0] == 0 and cut[0][1] == cut[1][0] and cut[1][1] == numel[j]
-                    assert 0 < cut[0][1] < numel[j]
-                # per step: each block's all-gather of the longest slice (fp32), one barrier,
-                # the losses
-                width = sum(max(e - s for s, e in cut) for cut in cuts.values())
-                assert rec["gather_bytes"] == 4 * width
-                assert rec["sent"] == [{**losses, SLICE_GATHER: 4 * width, SLICE_BARRIER: 8}] * 4, (
-                    mode, name, rec["sent"])
-                # storage: this rank's slice of every block, read once per pass (4 steps + flush)
-                own = sum(e - s for s, e in (cut[r] for cut in cuts.values()))
-                assert rec["bytes_read"] == 5 * 4 * own
-                for j, cut in cuts.items():
-                    assert rec["own"][j].numel() == cut[r][1] - cut[r][0]
-                    # the node's slices, in order, are the block (one copy of the model)
-                    node = torch.cat([ranks[k]["own"][j] for k in range(world)])
-                    assert torch.equal(node, rec["blocks"][j])
-                for j, cut in cuts.items():  # cut at a tensor boundary or at one of its chunks'
-                    bounds, at = rec["bounds"][j], cut[0][1]
-                    tensor = max(b for b in bounds if b <= at)
-                    assert (at - tensor) % (48 if name.endswith("c48") else 1 << 20) == 0
-                    if name.endswith("c48"):  # chunks of 48: the cut falls inside a tensor
-                        assert at not in bounds
-                if name == "sliced-cpu":
-                    assert rec["shm_dir_left"] is False  # unlinked once mapped: nothing can leak
-            if name == "sliced-disk":  # each rank's directory holds exactly its slices
-                root = tmp_path / f"{mode}-sliced-disk-tier"
-                assert sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()) == [
-                    f"rank-{r:05d}/block-{j:05d}.safetensors" for r in range(world) for j in (0, 1)]
-                for j, cut in ranks[0]["cuts"].items():
-                    for r in range(world):
-                        flat, start, stop, total = slices_of(root / f"rank-{r:05d}" / f"block-{j:05d}.safetensors")
-                        assert (start, stop, total) == (*cut[r], ranks[0]["block_numel"][j])
-                        assert torch.equal(flat, ranks[r]["blocks"][j][start:stop])
+                for j, cut in rec["cuts"].items():
+                    flat, start, stop, total = slices_of(root / f"rank-{r:05d}" / f"block-{j:05d}.safetensors")
+                    assert (start, stop, total) == (*cut[r % node], rec["block_numel"][j])
+                    assert torch.equal(flat, rec["blocks"][j][start:stop])
+
+
+def test_sliced_equals_unsliced_stores_slices_and_sends_the_predicted_bytes(tmp_path):
+    ok(launch(2, [WORKER, tmp_path, "ddp", "pertp"], timeout=300))
+    check_mode(tmp_path, "ddp", 2, CONFIGS, {"dp loss gather": 16}, node=2)
+    check_mode(tmp_path, "pertp", 2, CONFIGS, {"pertp loss gather": 8}, node=2)
+
+
+@pytest.mark.slow
+def test_sliced_2d_on_two_nodes_of_two_ranks(tmp_path):
+    """4 ranks as 2 nodes (LOCAL_WORLD_SIZE=2): a 2 x 2 mesh, each node's two ranks slice the
+    blocks between them (a process group per node) and hold one copy of the model per node."""
+    names = ("in-memory", "sliced-cpu", "sliced-disk")
+    ok(launch(4, [WORKER, tmp_path, "2d=" + ",".join(names)], timeout=600, env={"LOCAL_WORLD_SIZE": "2"}))
+    check_mode(tmp_path, "2d", 4, names, {"pertp loss gather": 8, "dp loss gather": 16}, node=2)
 
 
 def test_a_sliced_run_resumes_bitwise_on_another_world_size_and_under_every_mode(tiny_dir, data_dir, tmp_path):
