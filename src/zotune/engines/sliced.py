@@ -242,6 +242,9 @@ class SlicedOffloadEngine(OffloadEngine):
     Args: as :class:`~zotune.engines.offload.OffloadEngine`, plus
         topology: this rank's place in the mesh (``zotune.distributed.init``); the slice group
             is the ranks of its node (``LOCAL_WORLD_SIZE``).
+
+    ``overlap`` has no effect: a pass loads, gathers, computes and writes back each block in
+    order on the calling thread (a GPU pipeline would gather block j+1 while j computes).
     """
 
     def __init__(self, tensors, direction, *, topology, **options) -> None:
