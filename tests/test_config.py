@@ -23,7 +23,8 @@ OLD_FLAT = ("task task_file model method direction trainable pattern lora_r lora
 # config.json holds them only where they are not at their default (TrainConfig.saved), so it keeps the 59 keys.
 NEW_FLAT = ("skip_bad_rows", "keep_checkpoints", "engine", "offload_to", "offload_dir", "resident_blocks",
             "parallel", "pertp", "dist_timeout", "transfer_dtype", "storage_dtype",
-            "query_batch")  # query_batch: issue 15
+            "query_batch",  # query_batch: issue 15
+            "offload_sliced")  # issue 14: sliced offload
 IMAGE_FLAT = ("epochs", "augment", "bp_layers", "lr_bp", "tail_grad", "momentum",
               "sparsity", "cnn_width", "cnn_depth", "rge_mode", "layer_ratios", "mask_redraw_epochs",
               "warmup_epochs")  # issue 11; sparsity and after: issue 15

@@ -85,8 +85,9 @@ PROBE_COVERAGE_THRESHOLD = 0.5
 differences measure nothing and its update would be a random walk (docs/design.md)."""
 
 OFFLOAD_OPTIONS = ("offload_to", "offload_dir", "resident_blocks", "overlap", "fsync", "page_cache",
-                   "transfer_dtype", "storage_dtype", "device")
-"""Options of ``engine="offload"`` (``engines/offload.py``), passed to the engine as given."""
+                   "transfer_dtype", "storage_dtype", "device", "sliced")
+"""Options of ``engine="offload"`` (``engines/offload.py``), passed to the engine as given;
+``sliced=True`` (with ``parallel``) slices every block among the ranks of a node (``engines/sliced.py``)."""
 ENGINE_OPTIONS = {"offload": OFFLOAD_OPTIONS, "batched": ("points_per_forward",)}
 """The options each engine that takes its own options takes (by engine name)."""
 OPTIONS = ("seed", "direction", "num_probes", "one_sided", "momentum", "betas", "adam_eps", "schedule",
@@ -213,6 +214,19 @@ def _with_tail_roles(entries, model, bp_layers, tail) -> list:
     return [(*e[:4], "backprop" if e[0] in names else (e[4] if len(e) > 4 else "zo")) for e in entries]
 
 
+def _sliced(engine, parallel):
+    """The sliced offload engine and the resolved mesh (the engine needs the process group)."""
+    if engine != "offload":
+        raise ValueError(f"sliced=True slices the blocks of engine='offload', not {engine!r}")
+    if parallel is None:
+        raise ValueError("sliced=True slices each block among the ranks of a parallel run: pass "
+                         "parallel='ddp', 'pertp' or '2d' (--parallel)")
+    from .distributed.topology import Topology, init
+    from .engines.sliced import SlicedOffloadEngine
+
+    return SlicedOffloadEngine, parallel if isinstance(parallel, Topology) else init(parallel)
+
+
 def build(entries, *, eps: float, method: str, group_lrs, group_weight_decays, seed: int = 0,
           direction=None, num_probes=None, one_sided: bool = False, momentum: float = 0.9,
           betas=(0.9, 0.999), adam_eps: float = 1e-8, schedule: str = "constant", warmup_steps: int = 0,
@@ -295,6 +309,9 @@ def build(entries, *, eps: float, method: str, group_lrs, group_weight_decays, s
         if foreign:
             owners = [name for name, keys in ENGINE_OPTIONS.items() if foreign[0] in keys]
             raise ValueError(f"{', '.join(foreign)} apply to engine={owners[0]!r} only, not {engine!r}")
+    if engine_options.pop("sliced", False):  # DistZO2's sliced offload (engines/sliced.py)
+        engine_cls, parallel = _sliced(engine, parallel)
+        engine_options["topology"] = parallel
     if getattr(engine_cls, "needs_model", False):
         engine_options["model"] = model
     elif engine_options:

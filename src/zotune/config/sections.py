@@ -428,6 +428,10 @@ class EngineConfig:
     storage_dtype: str = setting("fp32", "dtype of the offload tier (--engine offload): fp32, or "
                                  "bf16 (half the bytes; each update stochastically rounded)",
                                  choices=("fp32", "bf16"), added=True)
+    # Sliced and unsliced give bitwise equal runs (tests/test_sliced_offload.py).
+    offload_sliced: bool = setting(False, "with --parallel: each rank of a node stores and loads "
+                                   "only its slice of every block, an all-gather assembles it "
+                                   "(one copy of the model per node)", resume=FREE, added=True)
     # Distributed (docs/distributed.md): every mode and world size reads the same checkpoints.
     parallel: str = setting("none", "distribute the step over the ranks of torchrun: ddp (each rank "
                             "its share of the batch), pertp (each rank its share of the probe "
@@ -452,7 +456,8 @@ class EngineConfig:
         return {"engine": "offload", "offload_to": self.offload_to, "offload_dir": self.offload_dir,
                 "resident_blocks": self.resident_blocks,  # fp32: the model's own dtype
                 "transfer_dtype": None if self.transfer_dtype == "fp32" else self.transfer_dtype,
-                "storage_dtype": None if self.storage_dtype == "fp32" else self.storage_dtype}
+                "storage_dtype": None if self.storage_dtype == "fp32" else self.storage_dtype,
+                **({"sliced": True} if self.offload_sliced else {})}
 
 
 def _engines():
@@ -575,6 +580,9 @@ class TrainConfig:
         e = self.engine
         if e.name == "offload" and e.offload_to == "disk" and not e.offload_dir:
             raise ZotuneError("--offload-to disk needs --offload-dir DIR")
+        if e.offload_sliced and (e.name != "offload" or e.parallel == "none"):
+            raise ZotuneError("--offload-sliced slices the blocks of --engine offload among the ranks "
+                              f"of --parallel ddp|pertp|2d; got --engine {e.name} --parallel {e.parallel}")
         if not (isinstance(e.resident_blocks, int) and e.resident_blocks >= 0):
             raise ZotuneError(f"resident_blocks must be an integer >= 0, got {e.resident_blocks!r}")
         if method.num_probes is not None and not _positive_int(method.num_probes):

@@ -17,8 +17,10 @@ PCIe once per step each way, overlapped with compute:
     t_\text{sliced} = \max\Big(\frac{t_\text{PCIe}}{R},\; \frac{R-1}{R}\frac{N b}{W_\text{NVLink}}\Big)
 
 where sliced offload (DistZO2's communication strategy: each of the ``R`` GPUs of a node loads
-``1/R`` of a block and an all-gather over NVLink assembles it) needs NVLink; the two stages are
-pipelined over blocks, so the slower one bounds. Then
+``1/R`` of a block and an all-gather over NVLink assembles it; ``--offload-sliced``,
+``engines/sliced.py``) needs NVLink; the two stages are pipelined over blocks, so the slower one
+bounds (an assumption for a GPU pipeline: the engine's passes run in order, on CPU, in this
+version). Then
 
 .. math::
     t_\text{step} = c \cdot \max(t_\text{compute} + t_\text{sweep},\; t_\text{transfer}) + t_\text{coll}

@@ -125,10 +125,7 @@ class OffloadEngine(InMemoryEngine):
         self.transfer_dtype, self.storage_dtype = transfer, storage
         self._units, self._blocks = build_units(self, base)
         offloaded = [wire.stored_as(b, storage) for b in self._blocks if b.index >= self.resident_blocks]
-        if offload_to == "cpu":
-            self.tier = CpuTier(offloaded, pin=self._compute_device.type == "cuda")
-        else:
-            self.tier = DiskTier(offload_dir, offloaded, fsync=fsync, page_cache=page_cache)
+        self.tier = self._make_tier(offloaded, offload_dir, fsync=fsync, page_cache=page_cache)
         master = (transfer, storage) != (model_dtype, model_dtype)
         self._casts = []
         if master:  # the tier (or a slot) holds the block's master: no second copy of it
@@ -155,6 +152,13 @@ class OffloadEngine(InMemoryEngine):
         self._logit_dtype = out.weight.dtype if out is not None else torch.float32
         # A model call from outside (evaluation, generation) first brings every block up to date.
         self._hook = base.register_forward_pre_hook(self._outside_call)
+
+    def _make_tier(self, offloaded, offload_dir, *, fsync: bool, page_cache: bool):
+        """The storage of the offloaded blocks (a subclass may store them otherwise:
+        ``engines/sliced.py`` keeps only this rank's slices)."""
+        if self.offload_to == "cpu":
+            return CpuTier(offloaded, pin=self._compute_device.type == "cuda")
+        return DiskTier(offload_dir, offloaded, fsync=fsync, page_cache=page_cache)
 
     @property
     def device(self) -> torch.device:
