@@ -304,14 +304,19 @@ def build(entries, *, eps: float, method: str, group_lrs, group_weight_decays, s
     if table is not None:
         entries = [(e[0], e[1], e[2], not table.no_weight_decay(e[0]), *e[4:]) for e in entries]
     engine_options = {k: v for k, v in engine_options.items() if v is not None}
+    sliced = engine_options.pop("sliced", False)
+    if sliced:  # DistZO2's sliced offload (engines/sliced.py)
+        engine_cls, parallel = _sliced(engine, parallel)
     if isinstance(engine, str):
         foreign = sorted(k for k in engine_options if k not in ENGINE_OPTIONS.get(engine, ()))
         if foreign:
-            owners = [name for name, keys in ENGINE_OPTIONS.items() if foreign[0] in keys]
-            raise ValueError(f"{', '.join(foreign)} apply to engine={owners[0]!r} only, not {engine!r}")
-    if engine_options.pop("sliced", False):  # DistZO2's sliced offload (engines/sliced.py)
-        engine_cls, parallel = _sliced(engine, parallel)
-        engine_options["topology"] = parallel
+            owner = next((name for name, keys in ENGINE_OPTIONS.items() if foreign[0] in keys), None)
+            if owner is None:
+                known = sorted({k for keys in ENGINE_OPTIONS.values() for k in keys})
+                raise ValueError(f"unknown engine option {foreign[0]!r}; valid: {', '.join(known)}")
+            raise ValueError(f"{', '.join(foreign)} apply to engine={owner!r} only, not {engine!r}")
+    if sliced:
+        engine_options["topology"] = parallel  # the engine needs the process group
     if getattr(engine_cls, "needs_model", False):
         engine_options["model"] = model
     elif engine_options:
