@@ -208,19 +208,23 @@ def rl_report(log: Path, plot: bool = True) -> str:
     for env in dict.fromkeys(r["env"] for r in rows):
         runs = sorted((r for r in rows if r["env"] == env), key=lambda r: (list(RL_METHODS).index(r["method"]),
                                                                          r["seed"]))
-        episodes = max(r["episodes"] for r in runs)
-        runs = [r for r in runs if r["episodes"] == episodes]
-        marks = [episodes // 8, episodes // 4, episodes // 2, episodes]
+        # the shortest run sets the budget: longer runs are cut there (their first episodes are the
+        # same training: evaluations do not touch the training seeds or the normaliser)
+        episodes = min(r["episodes"] for r in runs)
+        runs = [dict(r, curve=[p for p in r["curve"] if p["episodes"] <= episodes]) for r in runs]
+        for r in runs:  # the last evaluation at or before the budget, for every run alike
+            r["final"] = r["curve"][-1]["return"]
+        marks = [episodes // 4, episodes // 2, 3 * episodes // 4, episodes]
         target = THRESHOLD.get(env, 300)
         lines += [f"**{env}**, {episodes} training episodes a run", "",
                   f"| method | seed | return at {' / '.join(map(str, marks))} episodes | final | best | "
-                  f"first >= {target} | seconds |", "|---|---|---|---|---|---|---|"]
+                  f"first >= {target} | seconds (episodes run) |", "|---|---|---|---|---|---|---|"]
         for r in runs:
             s, c = r["summary"], r["curve"]
             first = next((p["episodes"] for p in c if p["return"] >= target), None)
             lines.append(f"| {r['method']} | {r['seed']} | {' / '.join(f'{return_at(c, e):.0f}' for e in marks)} | "
-                         f"{s['final_return']:.0f} | {s['best_return']:.0f} | {first if first is not None else '-'} | "
-                         f"{s['seconds']:.0f} |")
+                         f"{r['final']:.0f} | {max(p['return'] for p in c):.0f} | "
+                         f"{first if first is not None else '-'} | {s['seconds']:.0f} ({r['episodes']}) |")
         lines += ["", f"Medians over seeds ({env}):", "",
                   f"| method | seeds | median return at {' / '.join(map(str, marks))} | median final | "
                   f"seeds reaching {target} |", "|---|---|---|---|---|"]
@@ -229,7 +233,7 @@ def rl_report(log: Path, plot: bool = True) -> str:
             if not mine:
                 continue
             med = [statistics.median(return_at(r["curve"], e) for r in mine) for e in marks]
-            final = statistics.median(r["summary"]["final_return"] for r in mine)
+            final = statistics.median(r["final"] for r in mine)
             reached = sum(any(p["return"] >= target for p in r["curve"]) for r in mine)
             lines.append(f"| {method} | {len(mine)} | {' / '.join(f'{v:.0f}' for v in med)} | {final:.0f} | "
                          f"{reached} of {len(mine)} |")
