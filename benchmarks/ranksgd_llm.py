@@ -12,7 +12,7 @@ with the ranked run and measured on the same held-out prompts and seeds: it move
 learns nothing, so a rise that comes from drift would show in it too.
 
 Rewards: ``sentiment`` (default) = P(positive) of naive Bayes fitted on SST-2 train, times the
-distinct-bigram ratio, times min(1, words / 8) (zotune.ranking.sentiment: repetition and one-word
+distinct-bigram ratio, times min(1, words / --min-words) (zotune.ranking.sentiment: repetition and one-word
 answers do not pay); ``brevity`` = -(characters); ``keyword`` = occurrences of ``--keywords``.
 
 Every evaluation is appended to ``--log`` (JSON lines, flushed) with the held-out reward and its
@@ -35,18 +35,20 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-TRAIN = ["Describe a day at the beach.", "What do you think of rainy weather?",
-         "Tell me about your favourite food.", "How do you spend a weekend?",
-         "Describe the city you live in.", "What is a good way to relax?",
-         "Tell me about a book you like.", "What makes a good friend?",
-         "Describe your neighbourhood.", "What do you think of Mondays?",
-         "Tell me about a train journey.", "How was your last holiday?",
-         "Describe an old house.", "What do you think of cooking at home?",
-         "Tell me about your first job.", "Describe a crowded market."]
-EVAL = ["Describe a walk in the forest.", "What do you think of winter?",
-        "Tell me about your favourite music.", "How do you start your morning?",
-        "Describe a small village.", "What do you think of public transport?",
-        "Tell me about a film you saw.", "Describe a school playground."]
+# Prompts of mixed valence (chores, delays, weather...): the model's plain answers are neither all
+# positive nor all negative, so a sentiment reward has room to rise. EVAL is never ranked.
+TRAIN = ["What do you think of traffic jams?", "Describe a rainy Monday morning.",
+         "How do you feel about waiting in long queues?", "Tell me about doing homework.",
+         "What do you think of winter in the city?", "Describe a delayed flight.",
+         "How do you feel about cleaning the house?", "Tell me about a noisy neighbour.",
+         "Describe a day at the beach.", "What do you think of public speaking?",
+         "Tell me about your commute to work.", "Describe a hospital waiting room.",
+         "How do you feel about exams?", "Describe an old abandoned factory.",
+         "What do you think of cold showers?", "Tell me about losing your keys."]
+EVAL = ["What do you think of airport security?", "Describe a grey November afternoon.",
+        "How do you feel about getting up early?", "Tell me about a broken umbrella.",
+        "Describe a crowded train at rush hour.", "What do you think of doing taxes?",
+        "Tell me about a long meeting at work.", "Describe a forest after a storm."]
 
 
 def brevity(text: str) -> float:
@@ -68,13 +70,19 @@ class RandomRanker:
         return self.rng.sample(range(n), k)
 
 
-def build(args, seed):
+def build(args, seed, like=None):
+    """(optimizer, completer, d); ``like``: a (model, tokenizer) to copy instead of loading again."""
+    import copy
+
     import zotune
     from zotune.ranking.models import load_lm
     from zotune.ranking.text import Completer
 
-    model, tok = load_lm(args.model, trainable="lora", lora_r=args.lora_r,
-                         lora_targets=args.lora_targets.split(","), seed=seed)
+    if like is None:
+        model, tok = load_lm(args.model, trainable="lora", lora_r=args.lora_r,
+                             lora_targets=args.lora_targets.split(","), seed=seed)
+    else:
+        model, tok = copy.deepcopy(like[0]), like[1]
     if args.freeze_a:  # LoRA-FA (Zhang et al., 2023): A stays at its random init, only B moves
         for name, p in model.named_parameters():
             if "lora_A" in name:
@@ -89,7 +97,7 @@ def make_reward(args):
     if args.reward == "sentiment":
         from zotune.ranking.sentiment import NaiveBayesSentiment, PositiveReward
 
-        return PositiveReward(NaiveBayesSentiment.from_sst2(), min_words=8)
+        return PositiveReward(NaiveBayesSentiment.from_sst2(), min_words=args.min_words)
     if args.reward == "brevity":
         return brevity
     return keyword_rule(args.keywords.split(","))
@@ -120,8 +128,9 @@ def run(args) -> None:
 
     reward = make_reward(args)
     runs = {"ranked": build(args, args.seed)}
-    if args.control:
-        runs["random"] = build(args, args.seed)
+    if args.control:  # the same start: a copy of the ranked run's model before any step
+        complete = runs["ranked"][1]
+        runs["random"] = build(args, args.seed, like=(complete.model, complete.tokenizer))
     eval_seeds = [mix(args.seed, 0xE7A1, j) % (1 << 31) for j in range(args.eval_seeds)]
 
     def round_prompts(r):
@@ -222,22 +231,23 @@ def report(paths) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--rounds", type=int, default=30)
-    p.add_argument("--m", type=int, default=8)
-    p.add_argument("--k", type=int, default=8)
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--mu", type=float, default=0.05)
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--m", type=int, default=4)
+    p.add_argument("--k", type=int, default=4)
+    p.add_argument("--lr", type=float, default=0.25)
+    p.add_argument("--mu", type=float, default=0.5)
     p.add_argument("--momentum", type=float, default=0.0)
     p.add_argument("--lora-r", type=int, default=1)
     p.add_argument("--lora-targets", default="layers.29.mlp.down_proj")
-    p.add_argument("--freeze-a", action="store_true", help="LoRA-FA: only the B factors move")
+    p.add_argument("--freeze-a", action=argparse.BooleanOptionalAction, default=True, help="LoRA-FA: only the B factors move")
     p.add_argument("--reward", choices=("sentiment", "brevity", "keyword"), default="sentiment")
+    p.add_argument("--min-words", type=int, default=6, help="sentiment reward: the length ramp's end")
     p.add_argument("--keywords", default="sun,sunny,happy,love,beautiful,wonderful")
-    p.add_argument("--prompts-per-round", type=int, default=4)
-    p.add_argument("--max-new-tokens", type=int, default=20)
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--eval-every", type=int, default=5)
-    p.add_argument("--eval-seeds", type=int, default=2, help="decoding seeds per held-out evaluation")
+    p.add_argument("--prompts-per-round", type=int, default=2)
+    p.add_argument("--max-new-tokens", type=int, default=12)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--eval-every", type=int, default=4)
+    p.add_argument("--eval-seeds", type=int, default=1, help="decoding seeds per held-out evaluation")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--control", action="store_true", help="also run the random-ranking control")
