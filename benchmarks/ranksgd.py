@@ -256,7 +256,7 @@ def rl_report(log: Path, plot: bool = True) -> str:
             ax.grid(alpha=0.3)
             ax.legend()
             fig.tight_layout()
-            fig.savefig(DOCS / f"ranksgd_rl_{env.split('-')[0].lower()}.png", dpi=110)
+            fig.savefig(DOCS / f"ranksgd_rl_{env.split('-')[0].lower()}_logged.png", dpi=110)
             plt.close(fig)
     return "\n".join(lines)
 
