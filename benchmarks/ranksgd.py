@@ -252,7 +252,9 @@ def rl_report(log: Path, plot: bool = True) -> str:
                         else None, alpha=0.75)
             ax.set_xlabel("training episodes")
             ax.set_ylabel("return (3 evaluation episodes)")
-            ax.set_title(f"{env}: linear policies, m=16, {len({r['seed'] for r in runs})} seeds each")
+            seeds = ", ".join(f"{m} {sum(r['method'] == m for r in runs)}" for m in RL_METHODS
+                              if any(r["method"] == m for r in runs))
+            ax.set_title(f"{env}: linear policies, m=16; seeds: {seeds}", fontsize=10)
             ax.grid(alpha=0.3)
             ax.legend()
             fig.tight_layout()
