@@ -8,13 +8,16 @@ note's one-sided form with 9 probes and the centre). Each configuration runs 3 s
 gives the median final f and, for ZO-RankSGD (10,10) with line search, the queries it needs to
 reach each baseline's final f.
 
-RL (``--part rl``): Swimmer-v5 (``--envs``), 3 seeds, return against training episodes for
-ZO-RankSGD (m=16, k=8), value-based ZO on returns (FZOO) and CMA-ES, 2000 episodes each, run one
-after another on one thread (``zotune rank rl``'s code). Runs go to ``--runs`` (a run already
-there with a summary is reused), the plot and the table to docs/.
+RL (``--part rl``): Swimmer-v5 and HalfCheetah-v5 (``--envs``), 3 seeds, return against training
+episodes for ZO-RankSGD (m=16, k=8), value-based ZO on returns (FZOO) and CMA-ES, 2000 episodes
+each (``--episodes``), run one after another on one thread (``zotune rank rl``'s code). Every
+finished run is appended to ``--log`` (docs/ranksgd_rl_results.jsonl: settings, summary and
+evaluation curve, one JSON line a run; a run already there is skipped), and the tables and plots
+are built from that log alone (``--from-log`` rebuilds them without running anything).
 
     python benchmarks/ranksgd.py --part synthetic
-    python benchmarks/ranksgd.py --part rl --envs Swimmer-v5
+    python benchmarks/ranksgd.py --part rl --envs Swimmer-v5 HalfCheetah-v5
+    python benchmarks/ranksgd.py --part rl --from-log
 """
 from __future__ import annotations
 
@@ -152,45 +155,111 @@ def synthetic() -> str:
 RL_METHODS = {"ranksgd": dict(method="ranksgd", m=16, k=8, lr=0.05, mu=0.05),
               "value": dict(method="value", m=16, lr=0.05, mu=0.05),
               "cma": dict(method="cma", m=16, sigma0=0.1)}
+RL_LOG = DOCS / "ranksgd_rl_results.jsonl"
+THRESHOLD = {"Swimmer-v5": 300, "HalfCheetah-v5": 1000}  # Swimmer's: the issue's Done criterion
+COLOURS = {"ranksgd": "C0", "value": "C1", "cma": "C2"}
 
 
-def rl(envs, runs: Path, episodes: int, eval_every: int = 100) -> str:
+def read_log(path: Path) -> list[dict]:
+    """The finished runs of ``path`` (one JSON object per line), later lines replacing earlier ones."""
+    if not path.exists():
+        return []
+    runs = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            runs[(row["env"], row["method"], row["seed"], row["episodes"])] = row
+    return list(runs.values())
+
+
+def rl_run(env: str, method: str, seed: int, episodes: int, eval_every: int, runs: Path, log: Path) -> None:
+    """One run (``zotune rank rl``'s code), appended to ``log`` as one line when it has finished:
+    the settings, the summary and the evaluation curve."""
     from zotune.ranking.rl import RLConfig, train
 
-    import matplotlib
+    if any((r["env"], r["method"], r["seed"], r["episodes"]) == (env, method, seed, episodes) for r in read_log(log)):
+        print(f"{env} {method} seed {seed}: in {log.name} already", file=sys.stderr)
+        return
+    out = runs / env / f"{method}-s{seed}-e{episodes}"
+    t = time.perf_counter()
+    summary = train(RLConfig(env=env, episodes=episodes, seed=seed, eval_every=eval_every, output_dir=str(out),
+                             **RL_METHODS[method]))
+    curve = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    with open("/proc/loadavg") as f:
+        load = f.read().split()[:3]
+    row = {"env": env, "method": method, "seed": seed, "episodes": episodes, "summary": summary,
+           "curve": [{k: r[k] for k in ("episodes", "return", "seconds")} for r in curve], "loadavg": load}
+    with open(log, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(f"{env} {method} seed {seed}: {time.perf_counter() - t:.0f} s, final {summary['final_return']:.1f}",
+          file=sys.stderr, flush=True)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    lines = [f"| env | method | seed | return at {episodes // 4} / {episodes // 2} / {episodes} episodes | best | "
-             "first >= 300 | seconds |",
-             "|---|---|---|---|---|---|---|"]
-    for env in envs:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for method, options in RL_METHODS.items():
-            for seed in SEEDS:
-                out = runs / env / f"{method}-s{seed}"
-                if not (out / "summary.json").exists():
-                    t = time.perf_counter()
-                    train(RLConfig(env=env, episodes=episodes, seed=seed, eval_every=eval_every, output_dir=str(out),
-                                   **options))
-                    print(f"{env} {method} seed {seed}: {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
-                summary = json.loads((out / "summary.json").read_text())
-                curve = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-                marks = " / ".join(f"{at([(r['episodes'], r['return']) for r in curve], e):.0f}"
-                                   for e in (episodes // 4, episodes // 2, episodes))
-                lines.append(f"| {env} | {method} | {seed} | {marks} | {summary['best_return']:.0f} | "
-                             f"{summary['first_episodes_at_300']} | {summary['seconds']:.0f} |")
-                ax.plot([r["episodes"] for r in curve], [r["return"] for r in curve],
-                        color={"ranksgd": "C0", "value": "C1", "cma": "C2"}[method],
-                        label=method if seed == 0 else None, alpha=0.8)
-        ax.set_xlabel("training episodes")
-        ax.set_ylabel("return (3 evaluation episodes)")
-        ax.set_title(f"{env}: linear policies, m=16 (3 seeds each)")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(DOCS / f"ranksgd_rl_{env.split('-')[0].lower()}.png", dpi=110)
+def return_at(curve: list[dict], episodes: int) -> float:
+    """The last evaluation at or before ``episodes`` training episodes."""
+    return [r["return"] for r in curve if r["episodes"] <= episodes][-1]
+
+
+def rl_report(log: Path, plot: bool = True) -> str:
+    """Tables (per run, and medians over seeds per method) and one plot per environment, from the
+    runs in ``log`` alone."""
+    rows = read_log(log)
+    lines = []
+    for env in dict.fromkeys(r["env"] for r in rows):
+        runs = sorted((r for r in rows if r["env"] == env), key=lambda r: (list(RL_METHODS).index(r["method"]),
+                                                                         r["seed"]))
+        # the shortest run sets the budget: longer runs are cut there (their first episodes are the
+        # same training: evaluations do not touch the training seeds or the normaliser)
+        episodes = min(r["episodes"] for r in runs)
+        runs = [dict(r, curve=[p for p in r["curve"] if p["episodes"] <= episodes]) for r in runs]
+        for r in runs:  # the last evaluation at or before the budget, for every run alike
+            r["final"] = r["curve"][-1]["return"]
+        marks = [episodes // 4, episodes // 2, 3 * episodes // 4, episodes]
+        target = THRESHOLD.get(env, 300)
+        lines += [f"**{env}**, {episodes} training episodes a run", "",
+                  f"| method | seed | return at {' / '.join(map(str, marks))} episodes | final | best | "
+                  f"first >= {target} | seconds (episodes run) |", "|---|---|---|---|---|---|---|"]
+        for r in runs:
+            s, c = r["summary"], r["curve"]
+            first = next((p["episodes"] for p in c if p["return"] >= target), None)
+            lines.append(f"| {r['method']} | {r['seed']} | {' / '.join(f'{return_at(c, e):.0f}' for e in marks)} | "
+                         f"{r['final']:.0f} | {max(p['return'] for p in c):.0f} | "
+                         f"{first if first is not None else '-'} | {s['seconds']:.0f} ({r['episodes']}) |")
+        lines += ["", f"Medians over seeds ({env}):", "",
+                  f"| method | seeds | median return at {' / '.join(map(str, marks))} | median final | "
+                  f"seeds reaching {target} |", "|---|---|---|---|---|"]
+        for method in RL_METHODS:
+            mine = [r for r in runs if r["method"] == method]
+            if not mine:
+                continue
+            med = [statistics.median(return_at(r["curve"], e) for r in mine) for e in marks]
+            final = statistics.median(r["final"] for r in mine)
+            reached = sum(any(p["return"] >= target for p in r["curve"]) for r in mine)
+            lines.append(f"| {method} | {len(mine)} | {' / '.join(f'{v:.0f}' for v in med)} | {final:.0f} | "
+                         f"{reached} of {len(mine)} |")
+        lines.append("")
+        if plot:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+
+            fig, ax = plt.subplots(figsize=(7, 4.5))
+            for r in runs:
+                ax.plot([p["episodes"] for p in r["curve"]], [p["return"] for p in r["curve"]],
+                        color=COLOURS[r["method"]], label=r["method"] if r["seed"] == min(x["seed"] for x in runs
+                                                                                        if x["method"] == r["method"])
+                        else None, alpha=0.75)
+            ax.set_xlabel("training episodes")
+            ax.set_ylabel("return (3 evaluation episodes)")
+            seeds = ", ".join(f"{m} {sum(r['method'] == m for r in runs)}" for m in RL_METHODS
+                              if any(r["method"] == m for r in runs))
+            ax.set_title(f"{env}: linear policies, m=16; seeds: {seeds}", fontsize=10)
+            ax.grid(alpha=0.3)
+            ax.legend()
+            fig.tight_layout()
+            fig.savefig(DOCS / f"ranksgd_rl_{env.split('-')[0].lower()}_logged.png", dpi=110)
+            plt.close(fig)
     return "\n".join(lines)
 
 
@@ -198,15 +267,26 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--part", choices=("synthetic", "rl"), required=True)
     ap.add_argument("--envs", nargs="+", default=["Swimmer-v5"])
+    ap.add_argument("--methods", nargs="+", default=list(RL_METHODS), choices=list(RL_METHODS))
+    ap.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     ap.add_argument("--runs", default="runs/bench-ranksgd", help="RL run directories")
+    ap.add_argument("--log", default=str(RL_LOG), help="finished RL runs, one JSON line each (appended)")
+    ap.add_argument("--from-log", action="store_true", help="RL: only the tables and plots, from --log")
     ap.add_argument("--episodes", type=int, default=2000)
     ap.add_argument("--eval-every", type=int, default=100)
     args = ap.parse_args()
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     t = time.perf_counter()
-    text = synthetic() if args.part == "synthetic" else rl(args.envs, Path(args.runs), args.episodes,
-                                                                 args.eval_every)
+    if args.part == "synthetic":
+        text = synthetic()
+    else:
+        if not args.from_log:
+            for env in args.envs:  # seed-major, so an interrupted benchmark has every method at a seed
+                for seed in args.seeds:
+                    for method in args.methods:
+                        rl_run(env, method, seed, args.episodes, args.eval_every, Path(args.runs), Path(args.log))
+        text = rl_report(Path(args.log))
     print(text)
     with open("/proc/loadavg") as f:
         print(f"\n{time.perf_counter() - t:.0f} s; load average {f.read().split()[:3]}")

@@ -1,6 +1,6 @@
 """``zotune rank rl``: the observation normaliser, the three methods on a tiny stand-in
 environment (no MuJoCo needed), and the real CLI on Swimmer-v5 when gymnasium and mujoco are
-installed (the ``rl`` extra; CI's ``test`` extra leaves them out, so that test skips there)."""
+installed (the ``rl`` extra; the ``test`` extra pins them, so CI runs it)."""
 import json
 
 import numpy as np
