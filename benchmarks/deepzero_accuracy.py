@@ -8,8 +8,8 @@ with feature reuse: ``models/reuse.py``, bitwise equal to plain CGE) and RGE wit
 directions (d + 1 queries), all three with plain SGD at one learning rate, on the same
 class-balanced training subset, the same batches (a function of the seed) and the same epochs;
 test accuracy on the full 10,000-image test set ``--evals-per-epoch`` times an epoch. The runs
-advance in rounds (every model, seed and method trains a segment before any trains the next), so
-a run cut by ``--budget-min`` still leaves all methods at equal epochs.
+advance model by model, in rounds (every seed and method of the model trains a segment before any
+trains the next), so a run cut by ``--budget-min`` still leaves all methods at equal epochs.
 
 ``resnet``: ResNet-20 (269,434 parameters on one channel) trained by DeepZero's sparse CGE at 90%
 gradient sparsity (``deepzero`` preset: per-tensor random masks at uniform ratios, BatchNorm
@@ -171,10 +171,13 @@ def fig2a_trainer(method: str, model, lr: float, eps: float, seed: int):
 
 # ------------------------------------------------------------------------------------ logging
 
+RUN_ID = f"{time.time():.3f}-{os.getpid()}"  # this invocation's records (several may share a log)
+
+
 def append(log: Path, record: dict) -> None:
     log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    with open(log, "a") as f:  # one short line per write: appends of concurrent runs do not mix
+        f.write(json.dumps({**record, "run": RUN_ID}) + "\n")
 
 
 def header(args, part: str) -> dict:
@@ -272,21 +275,31 @@ def run_fig2a(args) -> None:
         append(args.log, record(r, 0, r["acc0"], None))
     per_epoch = runs[0]["batches"].steps_per_epoch
     total, segment = args.epochs * per_epoch, max(1, per_epoch // args.evals_per_epoch)
-    while runs[0]["step"] < total:
-        for r in runs:
-            if args.budget_min and time.perf_counter() - start > 60 * args.budget_min:
-                print(f"budget of {args.budget_min} min reached before {r['model']}/{r['method']}/seed "
-                      f"{r['seed']} step {r['step']}", flush=True)
+    for model_name in args.models:  # model by model: a cut leaves the smaller models complete
+        group = [r for r in runs if r["model"] == model_name]
+        while group[0]["step"] < total:
+            if not train_segment(group, args, start, total, segment, per_epoch, test_x, test_y):
                 return
-            losses, t0 = [], time.perf_counter()
-            for _ in range(min(segment, total - r["step"])):
-                losses.append(r["trainer"].step(*r["batches"].batch(r["step"])))
-                r["step"] += 1
-            r["seconds"] += time.perf_counter() - t0
-            acc, loss = accuracy(r["trainer"], test_x, test_y), sum(losses) / len(losses)
-            append(args.log, record(r, round(r["step"] / per_epoch, 4), acc, loss))
-            print(f"epoch {r['step'] / per_epoch:.2f} {r['model']:9s} seed {r['seed']} {r['method']:8s} "
-                  f"test {acc:6.2f}  loss {loss:.4f}  {r['seconds'] / 60:6.1f} min", flush=True)
+
+
+def train_segment(group, args, start, total, segment, per_epoch, test_x, test_y) -> bool:
+    """One segment of every run of ``group`` (interleaved: the seeds and methods of one model),
+    each followed by a test evaluation; False once the budget is spent."""
+    for r in group:
+        if args.budget_min and time.perf_counter() - start > 60 * args.budget_min:
+            print(f"budget of {args.budget_min} min reached before {r['model']}/{r['method']}/seed "
+                  f"{r['seed']} step {r['step']}", flush=True)
+            return False
+        losses, t0 = [], time.perf_counter()
+        for _ in range(min(segment, total - r["step"])):
+            losses.append(r["trainer"].step(*r["batches"].batch(r["step"])))
+            r["step"] += 1
+        r["seconds"] += time.perf_counter() - t0
+        acc, loss = accuracy(r["trainer"], test_x, test_y), sum(losses) / len(losses)
+        append(args.log, record(r, round(r["step"] / per_epoch, 4), acc, loss))
+        print(f"epoch {r['step'] / per_epoch:.2f} {r['model']:9s} seed {r['seed']} {r['method']:8s} "
+              f"test {acc:6.2f}  loss {loss:.4f}  {r['seconds'] / 60:6.1f} min", flush=True)
+    return True
 
 
 def record(r: dict, epoch: float, acc: float, loss, **extra) -> dict:
@@ -354,31 +367,41 @@ def read_log(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def latest_invocation(records: list[dict], part: str) -> list[dict]:
-    """The records of the last ``part`` invocation in the log (after its config record)."""
-    last = max((i for i, r in enumerate(records) if r.get("part") == part and r.get("kind") == "config"),
-               default=None)
-    if last is None:
-        return []
-    return [r for r in records[last + 1:] if r.get("part") == part and r.get("kind") != "config"]
+def latest_invocation(records: list[dict], part: str) -> tuple[list[dict], dict | None]:
+    """The records of ``part``, per model from the last invocation that ran it, and the config
+    of the last invocation."""
+    configs = [r for r in records if r.get("part") == part and r.get("kind") == "config"]
+    if not configs:
+        return [], None
+    chosen = {}
+    for c in configs:
+        for model in c["args"].get("models") if part == "fig2a" else ["resnet20"]:
+            chosen[model] = c["run"]
+    mine = [r for r in records if r.get("part") == part and r.get("kind") != "config"
+            and chosen.get(r["model"]) == r.get("run")]
+    return mine, configs[-1]
 
 
 def fig2a_tables(recs: list[dict]) -> tuple[str, dict]:
-    """Per model: the last epoch every method and seed reached; test accuracy there (mean over
-    seeds, and each seed), CGE - first-order and RGE - CGE."""
+    """Per model: the last epoch every method reached in at least one seed; test accuracy there
+    (mean over the seeds where every method reached it, and each seed), CGE - first-order and
+    RGE - CGE."""
     lines = ["| model (params here) | epochs | first-order | CGE | RGE (q = d) | CGE - FO | RGE - CGE |",
              "|---|---|---|---|---|---|---|"]
     summary = {}
     for model in dict.fromkeys(r["model"] for r in recs):
         mine = [r for r in recs if r["model"] == model]
-        keys = {(r["method"], r["seed"]) for r in mine}
-        epoch = min(max(r["epoch"] for r in mine if (r["method"], r["seed"]) == k) for k in keys)
+        methods = sorted({r["method"] for r in mine})
+        reached = {s: min(max(r["epoch"] for r in mine if r["seed"] == s and r["method"] == m) for m in methods)
+                   for s in sorted({r["seed"] for r in mine})}  # per seed: the epoch all methods reached
+        epoch = max(reached.values())
+        seeds = [s for s, e in reached.items() if e >= epoch]  # the seeds where every method reached it
         acc = {}
         for method in ("backprop", "cge", "rge"):
-            vals = [r["test"] for r in mine if r["method"] == method and r["epoch"] == epoch]
+            vals = [r["test"] for r in mine if r["method"] == method and r["epoch"] == epoch and r["seed"] in seeds]
             acc[method] = (statistics.mean(vals), vals) if vals else (float("nan"), [])
         cell = lambda m: f"{acc[m][0]:.2f} ({', '.join(f'{v:.2f}' for v in acc[m][1])})"
-        lines.append(f"| {model} ({mine[0]['params']:,}) | {epoch} | {cell('backprop')} | {cell('cge')} | "
+        lines.append(f"| {model} ({mine[0]['params']:,}) | {epoch} (seeds {seeds}) | {cell('backprop')} | {cell('cge')} | "
                      f"{cell('rge')} | {acc['cge'][0] - acc['backprop'][0]:+.2f} | "
                      f"{acc['rge'][0] - acc['cge'][0]:+.2f} |")
         summary[model] = {"epoch": epoch, **{m: acc[m][0] for m in acc}}
@@ -461,20 +484,18 @@ def plot_resnet(recs: list[dict], path: Path, title: str) -> None:
 def from_log(args) -> None:
     records = read_log(args.from_log)
     out = Path(args.figures)
-    fig2a = latest_invocation(records, "fig2a")
+    fig2a, cfg = latest_invocation(records, "fig2a")
     if fig2a:
         table, _ = fig2a_tables(fig2a)
-        cfg = next(r for r in reversed(records) if r.get("part") == "fig2a" and r.get("kind") == "config")
         print(f"Fig. 2a in small ({cfg['train_examples']} training images, {cfg['test_examples']} test images, "
               f"batch {cfg['args']['batch_size']}, lr {cfg['args']['lr']}, seeds {cfg['args']['seeds']}); "
               "test accuracy (%), mean over seeds (each seed):\n")
         print(table + "\n")
         plot_fig2a(fig2a, out / "deepzero_fig2a_fmnist.png",
                    f"DeepZero Fig. 2a in small: Fashion-MNIST, {cfg['train_examples']} training images")
-    resnet = latest_invocation(records, "resnet")
+    resnet, cfg = latest_invocation(records, "resnet")
     if resnet:
-        cfg = next(r for r in reversed(records) if r.get("part") == "resnet" and r.get("kind") == "config")
-        print(f"ResNet-20, {cfg['args']['sparsity']:.0%} gradient sparsity ({cfg['train_examples']} training "
+        print(f"ResNet-20, {cfg['args']['sparsity']:.1%} gradient sparsity ({cfg['train_examples']} training "
               f"images, {cfg['test_examples']} test images, batch {cfg['args']['batch_size']}):\n")
         print(resnet_table(resnet) + "\n")
         plot_resnet(resnet, out / "deepzero_resnet20_fmnist.png",
