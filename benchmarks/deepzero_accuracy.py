@@ -368,17 +368,18 @@ def read_log(path: Path) -> list[dict]:
 
 
 def latest_invocation(records: list[dict], part: str) -> tuple[list[dict], dict | None]:
-    """The records of ``part``, per model from the last invocation that ran it, and the config
-    of the last invocation."""
+    """The records of ``part``, per (model, seed) from the last invocation that ran it (a seed may
+    run in a process of its own), and the config of the last invocation."""
     configs = [r for r in records if r.get("part") == part and r.get("kind") == "config"]
     if not configs:
         return [], None
-    chosen = {}
+    chosen = {}  # (model, seed) -> the last invocation that trained it
     for c in configs:
         for model in c["args"].get("models") if part == "fig2a" else ["resnet20"]:
-            chosen[model] = c["run"]
+            for seed in c["args"]["seeds"] if part == "fig2a" else c["args"]["seeds"][:1]:
+                chosen[model, seed] = c["run"]
     mine = [r for r in records if r.get("part") == part and r.get("kind") != "config"
-            and chosen.get(r["model"]) == r.get("run")]
+            and chosen.get((r["model"], r["seed"])) == r.get("run")]
     return mine, configs[-1]
 
 
