@@ -305,7 +305,8 @@ def train_segment(group, args, start, total, segment, per_epoch, test_x, test_y)
 def record(r: dict, epoch: float, acc: float, loss, **extra) -> dict:
     return {"part": r.get("part", "fig2a"), "model": r["model"], "params": r["params"], "method": r["method"],
             "seed": r["seed"], "epoch": epoch, "step": r["step"], "test": acc, "train_loss": loss,
-            "seconds": r["seconds"], "loadavg": os.getloadavg()[0], **extra}
+            "seconds": r["seconds"], "cpu_seconds": time.process_time(), "loadavg": os.getloadavg()[0],
+            **extra}
 
 
 def run_resnet(args) -> None:
@@ -488,8 +489,9 @@ def from_log(args) -> None:
     fig2a, cfg = latest_invocation(records, "fig2a")
     if fig2a:
         table, _ = fig2a_tables(fig2a)
+        seeds = sorted({r["seed"] for r in fig2a})
         print(f"Fig. 2a in small ({cfg['train_examples']} training images, {cfg['test_examples']} test images, "
-              f"batch {cfg['args']['batch_size']}, lr {cfg['args']['lr']}, seeds {cfg['args']['seeds']}); "
+              f"batch {cfg['args']['batch_size']}, lr {cfg['args']['lr']}, seeds {seeds}); "
               "test accuracy (%), mean over seeds (each seed):\n")
         print(table + "\n")
         plot_fig2a(fig2a, out / "deepzero_fig2a_fmnist.png",
