@@ -384,6 +384,11 @@ def latest_invocation(records: list[dict], part: str) -> tuple[list[dict], dict 
     return mine, configs[-1]
 
 
+def by_size(recs: list[dict]) -> list[str]:
+    """The models of ``recs``, smallest first."""
+    return sorted({r["model"] for r in recs}, key=lambda m: next(r["params"] for r in recs if r["model"] == m))
+
+
 def fig2a_tables(recs: list[dict]) -> tuple[str, dict]:
     """Per model: the last epoch every method reached in at least one seed; test accuracy there
     (mean over the seeds where every method reached it, and each seed), CGE - first-order and
@@ -391,7 +396,7 @@ def fig2a_tables(recs: list[dict]) -> tuple[str, dict]:
     lines = ["| model (params here) | epochs | first-order | CGE | RGE (q = d) | CGE - FO | RGE - CGE |",
              "|---|---|---|---|---|---|---|"]
     summary = {}
-    for model in dict.fromkeys(r["model"] for r in recs):
+    for model in by_size(recs):
         mine = [r for r in recs if r["model"] == model]
         methods = sorted({r["method"] for r in mine})
         reached = {s: min(max(r["epoch"] for r in mine if r["seed"] == s and r["method"] == m) for m in methods)
@@ -429,7 +434,7 @@ def plot_fig2a(recs: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    models = list(dict.fromkeys(r["model"] for r in recs))
+    models = by_size(recs)
     fig, axes = plt.subplots(1, len(models), figsize=(4.5 * len(models), 4), squeeze=False)
     colours = {"backprop": "tab:blue", "cge": "tab:green", "rge": "tab:red"}
     labels = {"backprop": "first-order", "cge": "ZO-CGE", "rge": "ZO-RGE (q = d)"}
@@ -439,7 +444,9 @@ def plot_fig2a(recs: list[dict], path: Path, title: str) -> None:
             seeds = sorted({r["seed"] for r in mine if r["method"] == method})
             for s_i, seed in enumerate(seeds):
                 pts = sorted((r["epoch"], r["test"]) for r in mine if r["method"] == method and r["seed"] == seed)
+                wide = method == "backprop"  # drawn wide and pale: CGE lies on top of it
                 ax.plot(*zip(*pts), color=colours[method], marker="o", markersize=3,
+                        linewidth=4 if wide else 1.5, alpha=0.4 if wide else 1.0,
                         linestyle="-" if s_i == 0 else "--", label=f"{labels[method]} seed {seed}")
         ax.set(title=f"{model} ({mine[0]['params']:,} params)", xlabel="epoch", ylabel="test accuracy (%)")
         ax.grid(alpha=0.3)
