@@ -121,10 +121,8 @@ class ZOOptimizer(torch.optim.Optimizer):
     def evaluate(self, query: Query, objective: Callable[[], object]) -> list:
         """The objective's value at every point of ``query``, through the engine."""
         if getattr(query.plan, "coordinate_wise", False):  # CGE (engines/coordinates.py)
-            from .engines.coordinates import evaluate as evaluate_coordinates
-            engine = self.core.engine
-            return getattr(engine, "evaluate_coordinates", lambda *a: evaluate_coordinates(engine, *a))(
-                query.plan, objective)
+            from .engines.coordinates import evaluate_plan
+            return evaluate_plan(self.core.engine, query.plan, objective)
         return self.core.engine.evaluate(query.plan, objective)
 
     @torch.no_grad()

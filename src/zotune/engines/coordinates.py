@@ -77,6 +77,13 @@ def _runs(plan: CoordinatePlan, indices) -> list[tuple[int, list[int]]]:
     return runs
 
 
+def evaluate_plan(engine, plan: CoordinatePlan, objective) -> list[float]:
+    """A CGE step's plan through ``engine``: sharded across ranks by an engine that shards
+    coordinates (``DistributedEngine.evaluate_coordinates``), else :func:`evaluate` on this process."""
+    sharded = getattr(engine, "evaluate_coordinates", None)
+    return sharded(plan, objective) if sharded is not None else evaluate(engine, plan, objective)
+
+
 def evaluate(engine, plan: CoordinatePlan, objective, indices=None, costs: dict | None = None) -> list[float]:
     """The base loss, then the loss at each coordinate ``plan.coords[k]`` for ``k`` in ``indices``
     (default: all), through ``engine``'s ``base``/``sync`` (module docstring). ``costs``, when
