@@ -12,6 +12,9 @@ whole (sparse) CGE step through ``ZOOptimizer`` (method ``cge``, or ``deepzero``
 * ``batched``: :class:`zotune.models.query_batch.QueryBatchLoss`, feature reuse with P queries of
   one block per vmap call (``--query-batch``: an integer, or ``auto``: measured per block on the
   first step, which is then left out of the median);
+* ``delta``: ``batched`` with ``QueryBatch(exact=False)``: a first-stage query's next convolution
+  is updated incrementally (base pre-activation plus one input channel per query,
+  ``models/channel_moves.py``), equal to ``batched`` within fp32 round-off, not bitwise;
 * ``pertp2``: ``batched`` on two processes (``--parallel pertp``, gloo on 127.0.0.1): coordinate
   shards balanced by measured cost, losses all-gathered. The two ranks are started once and wait
   for a line on stdin per step, so their steps interleave with the others' (while one mode runs,
@@ -46,7 +49,8 @@ from zotune.models.query_batch import QueryBatch, QueryBatchLoss
 from zotune.models.reuse import ChainLoss
 from zotune.models.vision import OnePassStatistics, deepzero_cnn
 
-MODES = ("plain", "reuse", "batched", "pertp2")
+MODES = ("plain", "reuse", "batched", "delta", "pertp2")
+BATCHED = ("batched", "delta", "pertp2")  # the modes whose first step measures P under auto
 
 
 def batches(args):
@@ -71,6 +75,7 @@ def query_batch(text: str):
 
 
 def objective(mode, model, x, y, size):
+    """``size``: the QueryBatch of the mode (batched, delta)."""
     if mode == "plain":
         return lambda: F.cross_entropy(model(x), y)
     if mode == "reuse":
@@ -158,7 +163,9 @@ def main() -> None:
         parser.error(f"unknown mode {bad[0]!r}; valid: {', '.join(MODES)}")
     torch.set_num_threads(1)
     data = batches(args)
-    size = QueryBatch(query_batch(args.query_batch))
+    sizes = {"batched": QueryBatch(query_batch(args.query_batch)),
+             "delta": QueryBatch(query_batch(args.query_batch), exact=False)}
+    size = sizes["batched"]
     runs = {m: (*build(args), []) for m in modes if m != "pertp2"}
     state_file = Path(f"/tmp/deepzero-bench-{os.getpid()}.pt")
     ranks = Ranks(args, state_file) if "pertp2" in modes else None
@@ -174,14 +181,14 @@ def main() -> None:
                     continue
                 model, stats, opt, times = runs[mode]
                 t0, c0 = time.perf_counter(), time.process_time()
-                opt.step(stats.wrap(objective(mode, model, x, y, size)))
+                opt.step(stats.wrap(objective(mode, model, x, y, sizes.get(mode))))
                 times.append(time.perf_counter() - t0)
                 cpu_of.setdefault(mode, []).append(time.process_time() - c0)
     finally:
         if ranks is not None:
             ranks.close()
     skip = 1 if args.query_batch == "auto" and args.steps > 1 else 0  # auto measures on step 1
-    med = {m: statistics.median(r[3][skip if m in ("batched", "pertp2") else 0:]) for m, r in runs.items()}
+    med = {m: statistics.median(r[3][skip if m in BATCHED else 0:]) for m, r in runs.items()}
     opt0 = next(r[2] for r in runs.values() if r[2] is not None) if any(r[2] for r in runs.values()) else None
     queries = opt0.forward_passes // args.steps if opt0 is not None else None
     load = open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else [f"{os.getloadavg()[0]:.2f}"]
@@ -199,6 +206,14 @@ def main() -> None:
             extra = (f"; {med['reuse'] / med['batched']:.2f}x reuse; chosen P per block "
                      f"{dict(sorted(size.chosen.items())) or size.size}; largest parameter difference "
                      f"from reuse {largest_difference(runs['reuse'][0].state_dict(), runs['batched'][0].state_dict()):.3g}")
+        if mode == "delta" and "reuse" in runs:
+            gaps = sizes["delta"].stacking.deviations
+            extra = (f"; {med['reuse'] / med['delta']:.2f}x reuse; chosen P per block "
+                     f"{dict(sorted(sizes['delta'].chosen.items())) or sizes['delta'].size}; largest "
+                     f"parameter difference from reuse {largest_difference(runs['reuse'][0].state_dict(), runs['delta'][0].state_dict()):.3g}; "
+                     f"incremental forms kept {sum(v for k, v in sizes['delta'].stacking.checks.items() if k[0] == 'delta')}"
+                     f"/{sum(1 for k in sizes['delta'].stacking.checks if k[0] == 'delta')}, largest checked gap "
+                     f"{max(gaps.values(), default=0):.2g}")
         if mode == "pertp2":
             cpu = [statistics.median(c[r] for c in cpu_times[skip:]) for r in range(2)]
             extra = f"; CPU s/step per rank {cpu[0]:.2f}, {cpu[1]:.2f}"
@@ -209,9 +224,9 @@ def main() -> None:
                     extra += (f"; largest parameter difference from batched "
                               f"{largest_difference(runs['batched'][0].state_dict(), theirs):.3g}")
         if mode in cpu_of:
-            cpu = statistics.median(cpu_of[mode][skip if mode == "batched" else 0:])
+            cpu = statistics.median(cpu_of[mode][skip if mode in BATCHED else 0:])
             extra += f"; CPU {cpu:.2f} s/step"
-            if mode == "batched" and "reuse" in cpu_of:
+            if mode in BATCHED and "reuse" in cpu_of:
                 extra += f" ({statistics.median(cpu_of['reuse']) / cpu:.2f}x reuse's CPU)"
         steps = ", ".join(f"{t:.2f}" for t in runs[mode][3])
         ratio = f", {base / med[mode]:.2f}x plain" if base else ""

@@ -211,3 +211,81 @@ def test_cli_query_batch(tmp_path, capsys):
     assert cli.main(common + ["--output-dir", str(tmp_path / "bad"), "--query-batch", "0"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "query_batch must be an integer >= 1 or 'auto'" in err, err
+
+
+def _three_stage_cnn(dtype=torch.float32):
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return small_cnn(num_classes=4, in_channels=1, widths=(3, 4, 5)).to(dtype).train()
+
+
+def test_batch_norm_parameters_take_the_channel_path_bitwise():
+    """A move of BN's weight or bias changes one channel: the stage is recomputed on that channel
+    only, and the losses stay the one-at-a-time ones bitwise."""
+    model = _three_stage_cnn()
+    x, y = _batch(size=16)
+    moves = [m for m in _moves(model) if m[0].dim() == 1]  # biases and BN parameters
+    want = _one_at_a_time(model, x, y, moves)
+    objective = QueryBatchLoss(model, x, y, query_batch=4)
+    with torch.no_grad():
+        objective()
+        got = objective.coordinate_losses(moves)
+    assert got == want
+    bn = {k[1]: v for k, v in objective.stack.checks.items() if k[0] == "channel-bn"}
+    assert set(bn) == {0, 1, 2} and all(bn.values())
+
+
+@pytest.mark.parametrize("dtype,bound", [(torch.float32, 2e-6), (torch.float64, 1e-13)])
+def test_incremental_next_convolution_within_round_off(dtype, bound):
+    """exact=False: a stage's moves update the next stage's convolution incrementally; the losses
+    equal one at a time within round-off (stated bound, relative), the incremental form is used
+    for every stage followed by a stage, and its checked gap is recorded."""
+    model = _three_stage_cnn(dtype)
+    x, y = _batch(dtype, size=16)
+    moves = _moves(model)
+    want = _one_at_a_time(model, x, y, moves)
+    batch = QueryBatch(4, exact=False)
+    for _ in range(2):  # the second step runs the kept fast forms only
+        objective = QueryBatchLoss(model, x, y, query_batch=batch)
+        with torch.no_grad():
+            objective()
+            got = objective.coordinate_losses(moves)
+        assert max(abs(a - b) / abs(b) for a, b in zip(got, want)) <= bound
+    delta = {k[1] for k, v in batch.stacking.checks.items() if k[0] == "delta" and v}
+    assert delta == {0, 1}  # stage 2 is followed by the head, not a stage
+    assert 0 < max(batch.stacking.deviations.values()) <= 1e-5
+    assert got != want or dtype == torch.float64  # really another summation order in fp32
+
+
+def test_an_incremental_form_outside_the_tolerance_is_not_used(monkeypatch):
+    import zotune.models.channel_moves as cm
+
+    real = cm.next_stage
+    monkeypatch.setattr(cm, "next_stage", lambda *a: real(*a) * (1 + 1e-3))
+    model = _three_stage_cnn()
+    x, y = _batch(size=16)
+    moves = _moves(model)
+    want = _one_at_a_time(model, x, y, moves)
+    objective = QueryBatchLoss(model, x, y, query_batch=QueryBatch(4, exact=False))
+    with torch.no_grad():
+        objective()
+        got = objective.coordinate_losses(moves)
+    assert got == want  # the exact path, bitwise
+    delta = [v for k, v in objective.stack.checks.items() if k[0] == "delta"]
+    assert delta and not any(delta)
+
+
+def test_cli_no_query_exact(tmp_path):
+    import json
+
+    from test_images import write_fashion_mnist
+    from zotune import cli
+
+    write_fashion_mnist(tmp_path / "data")
+    assert cli.main(["train", "--task", "fashion-mnist", "--model", "cnn", "--cnn-width", "4",
+                     "--data-dir", str(tmp_path / "data"), "--batch-size", "16", "--quiet", "--method", "cge",
+                     "--steps", "1", "--eval-every", "100", "--query-batch", "4", "--no-query-exact",
+                     "--output-dir", str(tmp_path / "run")]) == 0
+    run = tmp_path / "run"
+    assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+    assert json.loads((run / "config.json").read_text())["query_exact"] is False

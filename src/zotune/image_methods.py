@@ -98,7 +98,8 @@ class ZOTrainer:
         self.reuse = method in ("cge", "deepzero") and isinstance(model, nn.Sequential)
         size = options.get("query_batch")
         # P coordinates of one block per call (models/query_batch.py); one object, so auto measures once
-        self.query_batch = QueryBatch(size) if self.reuse and size not in (None, 1) else None
+        exact = options.get("query_exact", True)
+        self.query_batch = QueryBatch(size, exact=exact) if self.reuse and size not in (None, 1) else None
 
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
         self.model.train()

@@ -89,7 +89,8 @@ def trainer_options(cfg) -> dict:
     return {"lr": m.lr, "lr_bp": m.lr_bp, "eps": m.eps, "seed": cfg.run.seed, "bp_layers": m.bp_layers,
             "tail_grad": m.tail_grad, "momentum": m.momentum, "weight_decay": m.weight_decay,
             "direction": m.direction, "sparsity": m.sparsity, "num_probes": m.num_probes,
-            "rge_mode": m.rge_mode, "query_batch": query_batch(cfg.engine.query_batch)}
+            "rge_mode": m.rge_mode, "query_batch": query_batch(cfg.engine.query_batch),
+            "query_exact": cfg.engine.query_exact}
 
 
 def trainer_for(cfg, model, extra: dict | None = None, parallel=None):

@@ -446,6 +446,9 @@ class EngineConfig:
                                "evaluated together, an integer P or auto (P measured per block on "
                                "the first step); 1 is plain feature reuse (all bitwise equal, so a "
                                "resumed run may change it)", resume=FREE, added=True)
+    query_exact: bool = setting(True, "batched coordinate queries bitwise equal to one at a time; "
+                                "--no-query-exact also updates the next convolution of a stage "
+                                "incrementally (equal within fp32 round-off, faster)", added=True)
 
     def engine_options(self) -> dict:
         """The ZOOptimizer arguments of this section beyond ``defer_update``."""

@@ -8,22 +8,28 @@ together, keeping the P copies' activations *folded* as one batch of P*B rows:
 1. the moved tensor is stacked P times, copy p with move p written in (the value the engine
    would write, :math:`\mathrm{fl}(\theta_i + \mu)`);
 2. a convolution or linear layer with P stacked weights runs as one layer with P times the output
-   channels; when the moved tensor is a block's first convolution and the rest of the block works
-   channel by channel (BatchNorm, ReLU, pooling), a move of output channel o changes channel o
-   only, so each copy is the cached base output of the block with that one channel recomputed
-   (one convolution with P output channels: 1/C of the block's work per query);
+   channels; when the block is a *stage* (a convolution, then units that work channel by channel:
+   BatchNorm, ReLU, pooling) and the moved tensor belongs to output channel o (the convolution's
+   weight or bias, BatchNorm's weight or bias), a move changes channel o only, so each copy is the
+   cached base output of the block with that one channel recomputed (one convolution with P
+   output channels: 1/C of the block's work per query; ``models/channel_moves.py``). With
+   ``QueryBatch(exact=False)`` the next stage's convolution is updated incrementally too (the
+   base pre-activation plus one input channel's contribution per copy), equal within round-off;
 3. later units run on the folded batch: per-example modules (convolutions, linear layers,
    activations, pooling) as one call on P*B rows; train-mode BatchNorm as one call on
    ``(B, P * C, ...)``, so each copy is normalised over its own batch (per-query statistics);
    a unit of another kind under ``torch.func.vmap``, or one call per copy;
 4. the loss of each copy is ``loss_fn`` on its rows of the logits, the call one query makes.
 
-Exactness: every fast form is compared bitwise with the reference (``functional_call`` per copy,
+Exactness (``exact=True``, the default): every fast form is compared bitwise with the reference (``functional_call`` per copy,
 the very call the one-at-a-time path makes) the first time it meets a (unit, P, input shape)
 (:class:`Stacking`); where it differs (another kernel or summation order: on this CPU a linear
 layer with stacked weights, vmap's batch norm, float64 stacked convolutions) the reference is
 used for that shape from then on. So the losses are those of the moves one at a time, bitwise
-(tests/test_query_batch.py, in float32 and float64), for any P and any grouping. Kernels are
+(tests/test_query_batch.py, in float32 and float64), for any P and any grouping. With
+``exact=False`` the incremental next convolution is checked the same way but kept within
+``channel_moves.DELTA_TOLERANCE`` of the exact path (the losses then differ from one at a time by
+round-off; every other form stays bitwise). Kernels are
 deterministic for fixed shapes on CPU; the check is per shape for that reason. BatchNorm's
 running statistics are left alone (the base query, a plain call, updates them once per step as
 ``OnePassStatistics`` arranges). P per block is fixed (``query_batch=P``) or measured
@@ -44,6 +50,8 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from ..errors import ZotuneError
+from . import channel_moves as channels
+from .channel_moves import CHANNEL_WISE
 from .reuse import ChainLoss
 from .vision import _HalvePool as HalvePool
 
@@ -56,12 +64,14 @@ class QueryBatch:
     ``"auto"`` (per block, the fastest of ``candidates`` per query, timed twice each on real
     queries the first time the block is seen; kept for the life of this object, so one object
     is shared by the steps of a run). ``chosen``: ``{block: P}``; ``timings``: ``{block: {P:
-    seconds per query}}``."""
+    seconds per query}}``. ``exact=False`` allows the incremental next convolution (equal within
+    round-off, see the module docstring)."""
 
-    def __init__(self, size="auto", candidates=CANDIDATES, repeats: int = 2) -> None:
+    def __init__(self, size="auto", candidates=CANDIDATES, repeats: int = 2, *, exact: bool = True) -> None:
         if size != "auto" and not (isinstance(size, int) and not isinstance(size, bool) and size >= 1):
             raise ZotuneError(f"query batch must be an integer >= 1 or 'auto', got {size!r}")
         self.size, self.candidates, self.repeats = size, tuple(candidates), int(repeats)
+        self.exact = bool(exact)
         self.chosen: dict[int, int] = {}
         self.stacking = Stacking()
         self.timings: dict[int, dict[int, float]] = {}
@@ -124,6 +134,7 @@ class QueryBatchLoss(ChainLoss):
                       for name, p in b.named_parameters()}
         self.groups: list[tuple[int, int]] = []  # (block, P) of every batched call
         self.stack = self.query_batch.stacking  # the exactness checks, kept across steps
+        self._pre: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # block -> (its input, conv(input))
 
     @property
     def alignment(self) -> int:
@@ -188,7 +199,7 @@ class QueryBatchLoss(ChainLoss):
         shared, first = True, block  # x is one input for every copy until the perturbed unit
         local = self._channel_local(block, owner, stacked, group, x)
         if local is not None:
-            x, shared, first = local, False, block + 1
+            (x, first), shared = local, False
         for k in range(first, len(self.blocks)):
             for unit in _units(self.blocks[k]):
                 if unit is owner:
@@ -203,38 +214,21 @@ class QueryBatchLoss(ChainLoss):
         return [float(self.loss_fn(x[p * n:(p + 1) * n], labels)) for p in range(size)]
 
     def _channel_local(self, block: int, owner, stacked, group, x):
-        """Block ``block``'s P outputs when the moved tensor is a convolution's and every unit
-        after it in the block works channel by channel (BatchNorm, ReLU, pooling): a move of
-        output channel o changes channel o only, so each copy is the cached base output with its
-        one channel recomputed (one convolution with P output channels, then the channel-wise
-        units on those P channels): 1/C of the block's work. Checked bitwise against the general
-        path once per shape (``Stacking``); None where it does not apply."""
+        """``(folded output, next block to run)`` when block ``block`` is a stage and the moved
+        tensor belongs to one output channel (``channel_moves``): each copy is the cached base
+        output with its one channel recomputed (1/C of the block's work), checked bitwise against
+        the general path once per shape (``Stacking``); with ``exact=False`` and a stage next,
+        that stage too, incrementally (checked within ``DELTA_TOLERANCE``). None where it does
+        not apply."""
         units = _units(self.blocks[block])
-        after = units[units.index(owner) + 1:]
-        if not (isinstance(owner, nn.Conv2d) and owner.groups == 1 and block + 1 < len(self.blocks)
-                and self.inputs[block + 1] is not None and not self._changed(block)
-                and all(isinstance(u, CHANNEL_WISE) for u in after) and units.index(owner) == 0):
+        (name, copies), = stacked.items()
+        rows = channels.row_of_moves(owner, name, copies, group)
+        if not (rows is not None and channels.is_stage(units) and block + 1 < len(self.blocks)
+                and self.inputs[block + 1] is not None and not self._changed(block)):
             return None
-        size, (name, copies) = len(group), next(iter(stacked.items()))
-        per = copies[0].numel() // copies.shape[1]  # coordinates per output channel
-        rows = torch.tensor([i // per if name == "weight" else i for _, i, _ in group])
-        base = self.inputs[block + 1]
-
-        def fast():
-            pick = torch.arange(size)
-            weight = (copies[pick, rows] if name == "weight" else owner.weight.detach()[rows])
-            bias = copies[pick, rows] if name == "bias" else (None if owner.bias is None else owner.bias.detach()[rows])
-            y = owner._conv_forward(x, weight, bias)  # (B, P, H, W): copy p's channel rows[p]
-            for u in after:
-                if isinstance(u, nn.modules.batchnorm._BatchNorm):
-                    w = None if u.weight is None else u.weight.detach()[rows]
-                    b = None if u.bias is None else u.bias.detach()[rows]
-                    y = F.batch_norm(y, None, None, w, b, True, 0.0, u.eps)
-                else:
-                    y = u(y)
-            out = base.unsqueeze(0).repeat(size, *([1] * base.dim()))
-            out[pick, :, rows] = y.transpose(0, 1)
-            return out.view(size * base.shape[0], *base.shape[1:])
+        size, base = len(group), self.inputs[block + 1]
+        key = (block, name, size, tuple(x.shape))
+        after = units[units.index(owner) + 1:]
 
         def general():
             z = self.stack.with_params(owner, stacked, x, size)
@@ -242,7 +236,32 @@ class QueryBatchLoss(ChainLoss):
                 z = self.stack.shared_params(u, z, size)
             return z
 
-        return self.stack._choose(("channel", block, name, size, tuple(x.shape)), fast, general)
+        def exact():
+            fast = lambda: channels.with_rows(base, rows, channels.stage_rows(units, owner, name, copies, rows, x))  # noqa: E731
+            if units.index(owner) == 0:
+                return self.stack._choose(("channel",) + key, fast, general)
+            # BatchNorm's own parameters: the general path would first run the convolution in full
+            return self.stack._choose(("channel-bn",) + key, fast, lambda: _from_start(units, owner, stacked, x, size, self.stack))
+
+        following = _units(self.blocks[block + 1])
+        if self.query_batch.exact or not channels.is_stage(following) or self._changed(block + 1):
+            return exact(), block + 1
+        pre = self._pre.get(block + 1)
+        if pre is None or pre[0] is not base:
+            pre = self._pre[block + 1] = (base, channels.base_preactivation(following, base))
+
+        def incremental():
+            y = channels.stage_rows(units, owner, name, copies, rows, x)
+            return channels.next_stage(following, pre[1], base, rows, y)
+
+        def reference():
+            z = exact()
+            for u in following:
+                z = self.stack.shared_params(u, z, size)
+            return z
+
+        return self.stack._choose(("delta",) + key, incremental, reference,
+                                  tolerance=channels.DELTA_TOLERANCE), block + 2
 
     def _stacked_params(self, block: int, group):
         """The unit (leaf module) owning the moved tensor, and its parameters stacked P times
@@ -274,15 +293,22 @@ def _owner(block: nn.Module, name: str) -> tuple[nn.Module, str]:
     raise ZotuneError(f"parameter {name!r} is not in a unit of its block")
 
 
+def _from_start(units, owner, stacked, x, size, stack):
+    """The general path through a whole block whose moved tensor is not its first unit's: the
+    units before ``owner`` once on the shared input, ``owner`` with its P copies, the rest folded."""
+    k = units.index(owner)
+    for u in units[:k]:
+        x = u(x)
+    x = stack.with_params(owner, stacked, x, size)
+    for u in units[k + 1:]:
+        x = stack.shared_params(u, x, size)
+    return x
+
+
 FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.ReLU, nn.LeakyReLU, nn.GELU, nn.Tanh,
             nn.Sigmoid, nn.SiLU, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
             nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten, nn.Identity, HalvePool)
 """Modules that treat every example alone: P copies of a batch of B run as one batch of P*B."""
-
-
-CHANNEL_WISE = (nn.BatchNorm2d, nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.GELU,
-                nn.MaxPool2d, nn.AvgPool2d, nn.Identity, HalvePool)
-"""Modules after a convolution through which one changed channel stays one changed channel."""
 
 
 class Stacking:
@@ -300,12 +326,24 @@ class Stacking:
 
     def __init__(self) -> None:
         self.checks: dict[tuple, bool] = {}
+        self.deviations: dict[tuple, float] = {}  # the checked gap of each tolerance-checked form
 
-    def _choose(self, key, fast, reference):
+    def _choose(self, key, fast, reference, tolerance: float | None = None):
+        """``fast()`` where it was found exact (bitwise, or within ``tolerance`` of the largest
+        value) the first time ``key`` was met, else ``reference()``; the first time, both are
+        run and the reference's result is returned."""
         ok = self.checks.get(key)
         if ok is None:
             got, want = fast(), reference()
-            ok = self.checks[key] = bool(got.shape == want.shape and torch.equal(got, want))
+            if got.shape != want.shape:
+                ok = False
+            elif tolerance is None:
+                ok = torch.equal(got, want)
+            else:
+                gap = float((got - want).abs().max() / want.abs().max().clamp_min(torch.finfo(want.dtype).tiny))
+                self.deviations[key] = gap
+                ok = gap <= tolerance
+            self.checks[key] = bool(ok)
             return want
         return fast() if ok else reference()
 
