@@ -158,12 +158,13 @@ class MaskedBackprop:
         return self.model(images).float()
 
 
-def fig2a_trainer(method: str, model, lr: float, eps: float, seed: int):
+def fig2a_trainer(method: str, model, lr: float, eps: float, seed: int, query_batch=1):
     """Plain SGD at ``lr`` for all three (no momentum, no weight decay): the comparison is of the
-    gradient estimates alone."""
+    gradient estimates alone. CGE's queries run ``query_batch`` per call (``QueryBatchLoss``,
+    bitwise equal to one at a time, so the curve does not depend on it)."""
     if method == "backprop":
         return BackpropTrainer(model, {"lr": lr, "momentum": 0.0, "weight_decay": 0.0})
-    options = {"lr": lr, "eps": eps, "seed": seed, "weight_decay": 0.0}
+    options = {"lr": lr, "eps": eps, "seed": seed, "weight_decay": 0.0, "query_batch": query_batch}
     if method == "rge":
         options["num_probes"] = numel(model)  # q = d
     return ZOTrainer(model, options, method)
@@ -199,7 +200,7 @@ def run_cost(args) -> None:
     shape = (args.batch_size, 1, args.image_size, args.image_size)
     xs = [torch.randn(shape, generator=g) for _ in range(args.repeats)]
     ys = [torch.randint(0, 10, (args.batch_size,), generator=g) for _ in range(args.repeats)]
-    trainers = {(m, k): fig2a_trainer(k, new_model(m, 0), args.lr, args.eps, 0)
+    trainers = {(m, k): fig2a_trainer(k, new_model(m, 0), args.lr, args.eps, 0, args.query_batch)
                 for m in args.models for k in args.methods}
     times = {key: [] for key in trainers}
     for x, y in zip(xs, ys):
@@ -266,7 +267,7 @@ def run_fig2a(args) -> None:
             for method in args.methods:
                 model = new_model(model_name, seed)
                 runs.append({"model": model_name, "seed": seed, "method": method, "params": numel(model),
-                             "trainer": fig2a_trainer(method, model, args.lr, args.eps, seed),
+                             "trainer": fig2a_trainer(method, model, args.lr, args.eps, seed, args.query_batch),
                              "batches": Batches(train_x, train_y, TASK, args.batch_size, seed),
                              "step": 0, "seconds": 0.0})
     start = time.perf_counter()
@@ -318,7 +319,8 @@ def run_resnet(args) -> None:
         model = new_model("resnet20", seed)
         if method == "deepzero":
             trainer = ZOTrainer(model, {"lr": args.lr, "eps": args.eps, "seed": seed, "sparsity": args.sparsity,
-                                        "weight_decay": args.weight_decay}, "deepzero")
+                                        "weight_decay": args.weight_decay, "query_batch": args.query_batch},
+                                "deepzero")
             est, layout = trainer.opt.core.estimator, trainer.opt.core.engine.layout
             active = sum(len(v) for v in est.active(layout).values())
         else:
@@ -533,6 +535,8 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=28, help="area-downsample the images to this")
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--eps", type=float, default=5e-3)
+    parser.add_argument("--query-batch", type=int, default=16,
+                        help="CGE queries per call (bitwise equal for every value; 1 = plain feature reuse)")
     parser.add_argument("--weight-decay", type=float, default=5e-4, help="resnet")
     parser.add_argument("--sparsity", type=float, default=0.9, help="resnet")
     parser.add_argument("--redraw-epochs", type=int, default=5, help="resnet: mask re-draw interval")

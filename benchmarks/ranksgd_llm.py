@@ -78,7 +78,11 @@ def build(args, seed, like=None):
     from zotune.ranking.models import load_lm
     from zotune.ranking.text import Completer
 
-    if like is None:
+    if like is None and args.pattern:  # plain weights chosen by name (e.g. the final norm's scale)
+        model, tok = load_lm(args.model, trainable="full", seed=seed)
+        for name, p in model.named_parameters():
+            p.requires_grad_(re.search(args.pattern, name) is not None)
+    elif like is None:
         model, tok = load_lm(args.model, trainable="lora", lora_r=args.lora_r,
                              lora_targets=args.lora_targets.split(","), seed=seed)
     else:
@@ -88,7 +92,8 @@ def build(args, seed, like=None):
             if "lora_A" in name:
                 p.requires_grad_(False)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    opt = zotune.RankSGD(params, lr=args.lr, mu=args.mu, m=args.m, k=args.k, seed=seed, momentum=args.momentum)
+    opt = zotune.RankSGD(params, lr=args.lr, mu=args.mu, m=args.m, k=args.k, seed=seed, momentum=args.momentum,
+                         mode=args.mode, line_search=args.line_search)
     complete = Completer(model, tok, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
     return opt, complete, sum(p.numel() for _, p in params)
 
@@ -237,8 +242,13 @@ def main() -> int:
     p.add_argument("--lr", type=float, default=0.25)
     p.add_argument("--mu", type=float, default=0.5)
     p.add_argument("--momentum", type=float, default=0.0)
+    p.add_argument("--mode", choices=("plain", "line-search", "human"), default="plain",
+                   help="RankSGD's step program: line-search adds a best-of round (the current point and "
+                        "--line-search step sizes) after each gradient round, so a move is kept only if ranked best")
+    p.add_argument("--line-search", type=int, help="step sizes per search round (RankSGD's default)")
     p.add_argument("--lora-r", type=int, default=1)
     p.add_argument("--lora-targets", default="layers.29.mlp.down_proj")
+    p.add_argument("--pattern", help="train these weights (a regex on parameter names) instead of LoRA")
     p.add_argument("--freeze-a", action=argparse.BooleanOptionalAction, default=True, help="LoRA-FA: only the B factors move")
     p.add_argument("--reward", choices=("sentiment", "brevity", "keyword"), default="sentiment")
     p.add_argument("--min-words", type=int, default=6, help="sentiment reward: the length ramp's end")
