@@ -78,10 +78,10 @@ def build(args, seed, like=None):
     from zotune.ranking.models import load_lm
     from zotune.ranking.text import Completer
 
-    if like is None and args.pattern:  # plain weights chosen by name (e.g. the final norm's scale)
+    if like is None and (args.pattern or args.steer is not None):  # plain weights chosen by name, or none
         model, tok = load_lm(args.model, trainable="full", seed=seed)
         for name, p in model.named_parameters():
-            p.requires_grad_(re.search(args.pattern, name) is not None)
+            p.requires_grad_(args.pattern is not None and re.search(args.pattern, name) is not None)
     elif like is None:
         model, tok = load_lm(args.model, trainable="lora", lora_r=args.lora_r,
                              lora_targets=args.lora_targets.split(","), seed=seed)
@@ -92,10 +92,36 @@ def build(args, seed, like=None):
             if "lora_A" in name:
                 p.requires_grad_(False)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if args.steer is not None:  # only the steering coordinates move
+        for _, p in params:
+            p.requires_grad_(False)
+        params = [("steer", steer(model, args.steer, args.steer_dim))]
     opt = zotune.RankSGD(params, lr=args.lr, mu=args.mu, m=args.m, k=args.k, seed=seed, momentum=args.momentum,
                          mode=args.mode, line_search=args.line_search)
     complete = Completer(model, tok, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
     return opt, complete, sum(p.numel() for _, p in params)
+
+
+def steer(model, layer: int, dim: int) -> torch.Tensor:
+    """A steering vector in a fixed random ``dim``-dimensional subspace of the residual stream,
+    added to the output of decoder layer ``layer``: ``h <- h + U z`` (U: orthonormal columns, the
+    same for every seed and run); returns z (zeros), the coordinates RankSGD moves (d = ``dim``:
+    the intrinsic-dimension idea, Aghajanyan et al., 2021, with a fixed basis)."""
+    for module in model.modules():  # a copied model carries the original's hook: drop it
+        module._forward_hooks.clear()
+    width = model.config.hidden_size
+    g = torch.Generator().manual_seed(0x57EE7)
+    basis = torch.linalg.qr(torch.randn(width, dim, generator=g))[0]
+    z = torch.zeros(dim)
+
+    def add(_module, _inputs, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        hidden = hidden + (basis @ z).to(hidden.dtype)
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    layers = next(m.layers for m in model.modules() if isinstance(getattr(m, "layers", None), torch.nn.ModuleList))
+    layers[layer].register_forward_hook(add)
+    return z
 
 
 def make_reward(args):
@@ -248,6 +274,9 @@ def main() -> int:
     p.add_argument("--line-search", type=int, help="step sizes per search round (RankSGD's default)")
     p.add_argument("--lora-r", type=int, default=1)
     p.add_argument("--lora-targets", default="layers.29.mlp.down_proj")
+    p.add_argument("--steer", type=int, metavar="LAYER",
+                   help="train a steering vector added after this decoder layer instead of LoRA")
+    p.add_argument("--steer-dim", type=int, default=16, help="coordinates of the steering vector's subspace")
     p.add_argument("--pattern", help="train these weights (a regex on parameter names) instead of LoRA")
     p.add_argument("--freeze-a", action=argparse.BooleanOptionalAction, default=True, help="LoRA-FA: only the B factors move")
     p.add_argument("--reward", choices=("sentiment", "brevity", "keyword"), default="sentiment")

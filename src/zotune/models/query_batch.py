@@ -228,20 +228,12 @@ class QueryBatchLoss(ChainLoss):
             return None
         size, base = len(group), self.inputs[block + 1]
         key = (block, name, size, tuple(x.shape))
-        after = units[units.index(owner) + 1:]
-
-        def general():
-            z = self.stack.with_params(owner, stacked, x, size)
-            for u in after:
-                z = self.stack.shared_params(u, z, size)
-            return z
 
         def exact():
-            fast = lambda: channels.with_rows(base, rows, channels.stage_rows(units, owner, name, copies, rows, x))  # noqa: E731
-            if units.index(owner) == 0:
-                return self.stack._choose(("channel",) + key, fast, general)
-            # BatchNorm's own parameters: the general path would first run the convolution in full
-            return self.stack._choose(("channel-bn",) + key, fast, lambda: _from_start(units, owner, stacked, x, size, self.stack))
+            kind = "channel" if units.index(owner) == 0 else "channel-bn"  # a conv's rows, or BN's
+            return self.stack._choose(
+                (kind,) + key, lambda: channels.with_rows(base, rows, channels.stage_rows(units, owner, name, copies, rows, x)),
+                lambda: _from_start(units, owner, stacked, x, size, self.stack))
 
         following = _units(self.blocks[block + 1])
         if self.query_batch.exact or not channels.is_stage(following) or self._changed(block + 1):
