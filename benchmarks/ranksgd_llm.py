@@ -134,14 +134,14 @@ def make_reward(args):
     return keyword_rule(args.keywords.split(","))
 
 
-def held_out(complete, reward, seeds):
-    """Mean reward (and its factors, for the sentiment reward) over EVAL x seeds; the first
-    seed's texts."""
+def held_out(complete, reward, seeds, prompts=EVAL):
+    """Mean reward (and its factors, for the sentiment reward) over ``prompts`` (the held-out
+    ones by default) x seeds; the first seed's texts."""
     from zotune.ranking.reward import score_texts
 
     values, parts, first = [], [], None
     for seed in seeds:
-        texts = complete(list(EVAL), seed)
+        texts = complete(list(prompts), seed)
         first = first or texts
         values += score_texts(reward, texts)
         if hasattr(reward, "parts"):
@@ -164,9 +164,11 @@ def run(args) -> None:
         runs["random"] = build(args, args.seed, like=(complete.model, complete.tokenizer))
     eval_seeds = [mix(args.seed, 0xE7A1, j) % (1 << 31) for j in range(args.eval_seeds)]
 
+    train = TRAIN[:args.train_prompts]
+
     def round_prompts(r):
         n = args.prompts_per_round
-        return [TRAIN[(r * n + j) % len(TRAIN)] for j in range(n)]
+        return [train[(r * n + j) % len(train)] for j in range(n)]
 
     oracle = RewardOracle(reward, runs["ranked"][1], round_prompts, k=args.k,
                           seed=lambda r: mix(args.seed, r, 0xDEC0DE) % (1 << 31))
@@ -183,6 +185,8 @@ def run(args) -> None:
         def record(name, r, candidates, samples=False):
             _, complete, _ = runs[name]
             row, texts = held_out(complete, reward, eval_seeds)
+            if args.train_prompts <= 8:  # a small fixed training set: its reward at the current point too
+                row["train_reward"] = held_out(complete, reward, eval_seeds, train)[0]["reward"]
             with open("/proc/loadavg") as f:
                 load = f.read().split()[0]
             write({"kind": "eval", "seed": args.seed, "run": name, "round": r, **row, "candidates": candidates,
@@ -218,16 +222,21 @@ def report(paths) -> str:
     rounds = sorted({r["round"] for r in evals})
     table = {(r["seed"], r["run"], r["round"]): r for r in evals}
     cols = [(s, n) for s in seeds for n in runs]
-    lines = ["| round | " + " | ".join(f"{n}, seed {s}" for s, n in cols) + " | "
-             + " | ".join(f"mean {n}" for n in runs) + " |",
-             "|---" * (1 + len(cols) + len(runs)) + "|"]
-    for rd in rounds:
-        cells = [f"{table[(s, n, rd)]['reward']:.3f}" if (s, n, rd) in table else "-" for s, n in cols]
-        means = []
-        for n in runs:
-            v = [table[(s, n, rd)]["reward"] for s in seeds if (s, n, rd) in table]
-            means.append(f"{statistics.fmean(v):.3f}" if len(v) == len(seeds) else "-")
-        lines.append(f"| {rd} | " + " | ".join(cells) + " | " + " | ".join(means) + " |")
+    lines = []
+    keys = [("reward", "held-out reward")] + ([("train_reward", "reward on the ranked prompts")]
+                                              if any("train_reward" in r for r in evals) else [])
+    for key, title in keys:
+        lines += ([""] if lines else []) + [f"{title}:", "",
+                  "| round | " + " | ".join(f"{n}, seed {s}" for s, n in cols) + " | "
+                  + " | ".join(f"mean {n}" for n in runs) + " |",
+                  "|---" * (1 + len(cols) + len(runs)) + "|"]
+        for rd in rounds:
+            cells = [f"{table[(s, n, rd)][key]:.3f}" if key in table.get((s, n, rd), {}) else "-" for s, n in cols]
+            means = []
+            for n in runs:
+                v = [table[(s, n, rd)][key] for s in seeds if key in table.get((s, n, rd), {})]
+                means.append(f"{statistics.fmean(v):.3f}" if len(v) == len(seeds) else "-")
+            lines.append(f"| {rd} | " + " | ".join(cells) + " | " + " | ".join(means) + " |")
     if any("sentiment" in r for r in evals):
         lines += ["", "Factors of the held-out reward at the first and last evaluation (sentiment / "
                   "distinct-2 / length):", ""]
@@ -283,6 +292,8 @@ def main() -> int:
     p.add_argument("--min-words", type=int, default=6, help="sentiment reward: the length ramp's end")
     p.add_argument("--keywords", default="sun,sunny,happy,love,beautiful,wonderful")
     p.add_argument("--prompts-per-round", type=int, default=2)
+    p.add_argument("--train-prompts", type=int, default=len(TRAIN),
+                   help="rank on the first N training prompts only (N <= 8: their reward is logged too)")
     p.add_argument("--max-new-tokens", type=int, default=12)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--eval-every", type=int, default=4)

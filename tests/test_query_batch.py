@@ -47,6 +47,16 @@ def _one_at_a_time(model, x, y, moves):
     return losses
 
 
+def _run(model, x, y, moves, query_batch):
+    """(objective, its batched losses after the base query, the one-at-a-time losses)."""
+    want = _one_at_a_time(model, x, y, moves)
+    objective = QueryBatchLoss(model, x, y, query_batch=query_batch)
+    with torch.no_grad():
+        objective()
+        got = objective.coordinate_losses(moves)
+    return objective, got, want
+
+
 def _assert_within_ulps(got, want, dtype, ulps=0):
     """Batched losses are the one-at-a-time ones bitwise (``ulps=0``): every fast form is
     checked against the reference call once per shape (``Stacking``)."""
@@ -171,14 +181,9 @@ def test_a_fast_form_that_rounds_differently_is_not_used(monkeypatch):
 
     real = qb._stacked_layer
     monkeypatch.setattr(qb, "_stacked_layer", lambda *a: torch.nextafter(real(*a), torch.tensor(float("inf"))))
-    model = _cnn(4)
     x, y = _batch()
-    moves = _moves(model)
-    want = _one_at_a_time(model, x, y, moves)
-    objective = QueryBatchLoss(model, x, y, query_batch=4)
-    with torch.no_grad():
-        objective()
-        got = objective.coordinate_losses(moves)
+    model = _cnn(4)
+    objective, got, want = _run(model, x, y, _moves(model), 4)
     assert got == want
     layers = {k: v for k, v in objective.stack.checks.items() if k[0] == "params" and k[1] in ("Conv2d", "Linear")}
     assert layers and not any(layers.values())
@@ -225,11 +230,7 @@ def test_batch_norm_parameters_take_the_channel_path_bitwise():
     model = _three_stage_cnn()
     x, y = _batch(size=16)
     moves = [m for m in _moves(model) if m[0].dim() == 1]  # biases and BN parameters
-    want = _one_at_a_time(model, x, y, moves)
-    objective = QueryBatchLoss(model, x, y, query_batch=4)
-    with torch.no_grad():
-        objective()
-        got = objective.coordinate_losses(moves)
+    objective, got, want = _run(model, x, y, moves, 4)
     assert got == want
     bn = {k[1]: v for k, v in objective.stack.checks.items() if k[0] == "channel-bn"}
     assert set(bn) == {0, 1, 2} and all(bn.values())
@@ -264,12 +265,7 @@ def test_an_incremental_form_outside_the_tolerance_is_not_used(monkeypatch):
     monkeypatch.setattr(cm, "next_stage", lambda *a: real(*a) * (1 + 1e-3))
     model = _three_stage_cnn()
     x, y = _batch(size=16)
-    moves = _moves(model)
-    want = _one_at_a_time(model, x, y, moves)
-    objective = QueryBatchLoss(model, x, y, query_batch=QueryBatch(4, exact=False))
-    with torch.no_grad():
-        objective()
-        got = objective.coordinate_losses(moves)
+    objective, got, want = _run(model, x, y, _moves(model), QueryBatch(4, exact=False))
     assert got == want  # the exact path, bitwise
     delta = [v for k, v in objective.stack.checks.items() if k[0] == "delta"]
     assert delta and not any(delta)
