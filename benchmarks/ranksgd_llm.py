@@ -75,7 +75,7 @@ def build(args, seed, like=None):
     import copy
 
     import zotune
-    from zotune.ranking.models import load_lm
+    from zotune.ranking.models import load_lm, steering_vector
     from zotune.ranking.text import Completer
 
     if like is None and (args.pattern or args.steer is not None):  # plain weights chosen by name, or none
@@ -95,33 +95,11 @@ def build(args, seed, like=None):
     if args.steer is not None:  # only the steering coordinates move
         for _, p in params:
             p.requires_grad_(False)
-        params = [("steer", steer(model, args.steer, args.steer_dim))]
+        params = [("steer", steering_vector(model, args.steer, args.steer_dim))]
     opt = zotune.RankSGD(params, lr=args.lr, mu=args.mu, m=args.m, k=args.k, seed=seed, momentum=args.momentum,
                          mode=args.mode, line_search=args.line_search)
     complete = Completer(model, tok, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
     return opt, complete, sum(p.numel() for _, p in params)
-
-
-def steer(model, layer: int, dim: int) -> torch.Tensor:
-    """A steering vector in a fixed random ``dim``-dimensional subspace of the residual stream,
-    added to the output of decoder layer ``layer``: ``h <- h + U z`` (U: orthonormal columns, the
-    same for every seed and run); returns z (zeros), the coordinates RankSGD moves (d = ``dim``:
-    the intrinsic-dimension idea, Aghajanyan et al., 2021, with a fixed basis)."""
-    for module in model.modules():  # a copied model carries the original's hook: drop it
-        module._forward_hooks.clear()
-    width = model.config.hidden_size
-    g = torch.Generator().manual_seed(0x57EE7)
-    basis = torch.linalg.qr(torch.randn(width, dim, generator=g))[0]
-    z = torch.zeros(dim)
-
-    def add(_module, _inputs, output):
-        hidden = output[0] if isinstance(output, tuple) else output
-        hidden = hidden + (basis @ z).to(hidden.dtype)
-        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
-
-    layers = next(m.layers for m in model.modules() if isinstance(getattr(m, "layers", None), torch.nn.ModuleList))
-    layers[layer].register_forward_hook(add)
-    return z
 
 
 def make_reward(args):

@@ -108,3 +108,41 @@ def test_alignment_from_rankings_raises_the_reward():
     # Random weights write ~1 letter per token; the rule is learnt fast (longest letter tokens).
     assert end > 3 * start, result.rows
     assert evaluate(complete, letters, PROMPTS, [123])[0] > 2 * start
+
+
+def test_steering_vector_adds_a_fixed_subspace_to_one_layer():
+    import copy
+
+    from zotune.ranking.models import steering_vector
+
+    model, tok = load_lm("tiny-llama", trainable="full", seed=0)
+    ids = tok(["hello there"], return_tensors="pt")
+    seen = []  # layer 0's output as the next layer gets it (a hook after the steering one)
+    with torch.no_grad():
+        plain = model(**ids)
+        z = steering_vector(model, 0, dim=3)
+        model.model.layers[0].register_forward_hook(
+            lambda _m, _i, out: seen.append((out[0] if isinstance(out, tuple) else out).clone()))
+        at_zero = model(**ids)
+        assert torch.equal(at_zero.logits, plain.logits)  # z = 0 changes nothing
+        z.copy_(torch.tensor([1.0, -2.0, 0.5]))
+        moved = model(**ids)
+    shift = seen[1] - seen[0]
+    width = model.config.hidden_size
+    assert torch.allclose(shift, shift[0, :1].expand_as(shift), atol=1e-5)  # the same vector at every token
+    assert float(shift[0, 0].norm()) == pytest.approx(float(z.norm()), rel=1e-4)  # orthonormal basis
+    assert not torch.equal(moved.logits, plain.logits)
+    # A copy's own vector replaces the copied hook: two runs from one start stay independent.
+    twin = copy.deepcopy(model)
+    z2 = steering_vector(twin, 0, dim=3)
+    with torch.no_grad():
+        assert torch.allclose(twin(**ids).logits, plain.logits, atol=1e-6)
+        z2.copy_(z)
+        assert torch.allclose(twin(**ids).logits, moved.logits, atol=1e-6)  # the same basis
+    steering = [h for h in twin.model.layers[0]._forward_hooks.values() if getattr(h, "zotune_steering", False)]
+    assert len(steering) == 1 and width > 3
+    with pytest.raises(ZotuneError, match="steering layer must be in 0..1, got 5"):
+        steering_vector(model, 5)
+    opt = zotune.RankSGD([z], lr=0.1, mu=0.1, m=4, seed=0)  # a plain tensor: trained as is
+    opt.step(lambda: float(model(**ids).logits[0, -1, 0]))
+    assert not torch.equal(z, torch.tensor([1.0, -2.0, 0.5]))

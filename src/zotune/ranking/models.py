@@ -5,9 +5,12 @@ a Hub id), or ``tiny-<family>`` (``tiny-llama``, ``tiny-gpt2``, ...): a 2-layer 
 the tiny byte-level tokenizer, for trying the page and for tests (its completions are noise).
 By default only LoRA adapters are trainable (r=8, alpha=2r, MeZO's q/v targets), so a round
 perturbs ~0.1% of the weights and renders quickly; ``trainable="full"`` moves every weight but
-the embeddings.
+the embeddings. :func:`steering_vector` adds the smallest parametrisation: a vector in a fixed
+random subspace of the residual stream (what a ranking loop of tens of rounds can move).
 """
 from __future__ import annotations
+
+import torch
 
 from zotune.errors import ZotuneError
 
@@ -35,3 +38,40 @@ def load_lm(name: str, *, trainable: str = "lora", lora_r: int = 8, seed: int = 
     else:
         model = select_trainable(model, "full")
     return model.eval(), tokenizer
+
+
+def steering_vector(model, layer: int, dim: int = 16, *, basis_seed: int = 0x57EE7) -> torch.Tensor:
+    r"""Make a steering vector the trainable parameters of ``model``: returns z (zeros, ``dim``),
+    and every forward adds :math:`U z` to the output of decoder layer ``layer``, with U a fixed
+    random orthonormal ``hidden_size x dim`` basis (from ``basis_seed``, so every run and copy
+    shares it): :math:`h \leftarrow h + U z`. Train z with ``RankSGD([z], ...)``.
+
+    Why: a ZO step from m ranked candidates learns about m directions of the d trainable
+    coordinates, so the rounds a ranking loop can afford (tens) move few coordinates well; d =
+    ``dim`` (16) instead of LoRA's hundreds or thousands (the intrinsic-dimension idea,
+    Aghajanyan et al., 2021, with a fixed basis; the measurement is in docs/benchmarks.md).
+    Earlier steering hooks of ``model`` (e.g. of the model a copy was made from) are removed.
+    Cost: one matrix-vector product per forward."""
+    layers = next((m.layers for m in model.modules()
+                   if isinstance(getattr(m, "layers", None), torch.nn.ModuleList)), None)
+    if layers is None:
+        raise ZotuneError(f"{type(model).__name__} has no decoder layers (a .layers ModuleList) to steer")
+    if not 0 <= layer < len(layers):
+        raise ZotuneError(f"steering layer must be in 0..{len(layers) - 1}, got {layer}")
+    for module in layers:
+        for key, hook in list(module._forward_hooks.items()):
+            if getattr(hook, "zotune_steering", False):
+                del module._forward_hooks[key]
+    width = model.config.hidden_size
+    g = torch.Generator().manual_seed(basis_seed)
+    basis = torch.linalg.qr(torch.randn(width, dim, generator=g, dtype=torch.float64))[0].float()
+    z = torch.zeros(dim)
+
+    def add(_module, _inputs, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        hidden = hidden + (basis @ z).to(hidden.dtype)
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    add.zotune_steering = True
+    layers[layer].register_forward_hook(add)
+    return z
