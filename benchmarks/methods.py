@@ -204,12 +204,21 @@ def label(r) -> str:
     return r["method"] if math.isclose(r["lr"], default, rel_tol=1e-9) else f"{r['method']}@{r['lr']:g}"
 
 
-def summarise(records, args):
+def seconds_per_forward(timings, trainable) -> dict:
+    """``{method preset: s per forward pass}`` from the side-by-side ``--timing-steps`` rows (the
+    last measurement of each), for one trainable scheme."""
+    return {r["timing"]: r["step_s"] / r["forwards_per_step"] for r in timings if r["trainable"] == trainable}
+
+
+def summarise(records, args, timings=()):
     """Table rows and curves per (task, trainable), each method against MeZO seed by seed.
 
     Per seed (same batches for every method): the forward passes at which the method first reaches
     MeZO's final test loss of that seed, and the speed-up on test loss per forward pass and per
-    training second (:func:`speedup`); the curves are means over seeds at each eval point."""
+    second (:func:`speedup`); the curves are means over seeds at each eval point. Seconds: where
+    side-by-side step times exist for both presets (``timings``), a run's seconds are its forward
+    passes times its preset's s per forward pass from them, so runs made at different machine
+    loads compare fairly; else the runs' own training seconds."""
     groups: dict = {}
     for r in records:
         groups.setdefault((r["task"], r["trainable"]), {}).setdefault(label(r), {}).setdefault(
@@ -219,6 +228,14 @@ def summarise(records, args):
         for seeds in methods.values():
             for pts in seeds.values():
                 pts.sort(key=lambda r: r["forward_passes"])
+        per_fwd = seconds_per_forward(timings, trainable)
+        preset = {label(r): r["method"] for r in records if (r["task"], r["trainable"]) == (task, trainable)}
+        base_preset = preset.get(args.baseline)
+        if base_preset in per_fwd and all(preset[n] in per_fwd for n in methods):
+            for name, seeds in methods.items():
+                for pts in seeds.values():
+                    for r in pts:
+                        r["train_s"] = r["forward_passes"] * per_fwd[preset[name]]
         mezo = methods.get(args.baseline, {})
         rows = ["| method | lr | seeds | forward passes run (per seed) | final test loss (mean; per seed) | "
                 "final test acc (mean; per seed) | first reaches MeZO's final loss at forward pass (per seed) | "
@@ -369,10 +386,11 @@ def main():
             "forward pass, per seed: where the method reaches MeZO's final test loss (same seed, same "
             "batches), MeZO's forward passes over the method's at that point; where it does not, the forward "
             "passes MeZO needed to reach the method's final loss (interpolated) over the method's. Per second: "
-            "the same with training seconds. "
+            "the same with seconds, each run's forward passes times its method's s per forward pass measured "
+            "side by side (`--timing-steps`, table below) where those exist, else its own training seconds. "
             f"Baseline: `{args.baseline}`" + (f"; eval points up to {args.upto} forward passes" if args.upto else "")
             + ". A label METHOD@LR is a run at a non-default lr.\n\n"
-            + "\n".join(summarise(records, args)) + timing_table(timings))
+            + "\n".join(summarise(records, args, timings)) + timing_table(timings))
     write_section(Path(args.out), text, "methods")
 
 
