@@ -23,7 +23,7 @@ OLD_FLAT = ("task task_file model method direction trainable pattern lora_r lora
 # config.json holds them only where they are not at their default (TrainConfig.saved), so it keeps the 59 keys.
 NEW_FLAT = ("skip_bad_rows", "keep_checkpoints", "engine", "offload_to", "offload_dir", "resident_blocks",
             "parallel", "pertp", "dist_timeout", "transfer_dtype", "storage_dtype",
-            "query_batch",  # query_batch: issue 15
+            "query_batch", "query_exact",  # issue 15
             "offload_sliced")  # issue 14: sliced offload
 IMAGE_FLAT = ("epochs", "augment", "bp_layers", "lr_bp", "tail_grad", "momentum",
               "sparsity", "cnn_width", "cnn_depth", "rge_mode", "layer_ratios", "mask_redraw_epochs",
@@ -95,7 +95,7 @@ def test_flags_override_yaml(tmp_path):
 def test_every_old_flat_name_and_flag_remains():
     assert [leaf.flat for leaf in LEAVES] and {leaf.flat for leaf in LEAVES} == set(OLD_FLAT) | set(NEW_FLAT) | set(IMAGE_FLAT)
     assert set(resume_keys()) == (OLD_RESUME_KEYS | {"steps", "skip_bad_rows"} | set(IMAGE_FLAT)  # steps: only with a constant schedule
-                                  | {"transfer_dtype", "storage_dtype"})  # they change the numbers
+                                  | {"transfer_dtype", "storage_dtype", "query_exact"})  # they change the numbers
     parser = cli.parser()
     train = next(a for a in parser._actions if hasattr(a, "choices") and a.choices and "train" in a.choices)
     flags = {o for a in train.choices["train"]._actions for o in a.option_strings}

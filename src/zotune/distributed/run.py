@@ -99,6 +99,18 @@ def topology_for(cfg) -> Topology | None:
                     cfg.model.device == "auto" and torch.cuda.is_available()) else "cpu")
 
 
+def leave_together() -> None:
+    """Wait for every rank before leaving the process group after a finished run: a rank that
+    tears gloo down while a peer is still in its last collective can abort the peer ("terminate
+    called without an active exception", seen under load). Not counted with the run's
+    collectives; a peer that died already makes it fail at once, which is ignored here (the run's
+    own result stands)."""
+    try:
+        torch.distributed.barrier()
+    except RuntimeError:
+        pass
+
+
 @contextlib.contextmanager
 def context(cfg):
     """The run's :class:`RunContext` for the block (joins the process group for
@@ -109,6 +121,8 @@ def context(cfg):
     _current = RunContext(topology)
     try:
         yield _current
+        if topology is not None:
+            leave_together()
     finally:
         _current = outer
         if topology is not None:
