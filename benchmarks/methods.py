@@ -150,7 +150,7 @@ def timing(args, data, trainable):
         opt.flush()
         opt.engine.close()
         step_s = statistics.median(t for t, _ in times)
-        rows.append({"timing": name, "trainable": trainable, "step_s": step_s,
+        rows.append({"timing": name, "task": args.tasks[0], "trainable": trainable, "step_s": step_s,
                      "forwards_per_step": statistics.mean(f for _, f in times),
                      "numbers_per_step": opt.engine.numbers_drawn / (args.timing_steps + 1)})
         print(json.dumps(rows[-1]), flush=True)
@@ -204,10 +204,12 @@ def label(r) -> str:
     return r["method"] if math.isclose(r["lr"], default, rel_tol=1e-9) else f"{r['method']}@{r['lr']:g}"
 
 
-def seconds_per_forward(timings, trainable) -> dict:
-    """``{method preset: s per forward pass}`` from the side-by-side ``--timing-steps`` rows (the
-    last measurement of each), for one trainable scheme."""
-    return {r["timing"]: r["step_s"] / r["forwards_per_step"] for r in timings if r["trainable"] == trainable}
+def seconds_per_forward(timings, task, trainable) -> dict:
+    """``{method preset: s per forward pass}`` from the side-by-side ``--timing-steps`` rows of one
+    task and trainable scheme (the last invocation's where several measured it: rows of one
+    invocation share the machine's conditions)."""
+    rows = [r for r in timings if (r.get("task"), r["trainable"]) == (task, trainable)]
+    return {r["timing"]: r["step_s"] / r["forwards_per_step"] for r in rows}
 
 
 def summarise(records, args, timings=()):
@@ -228,7 +230,7 @@ def summarise(records, args, timings=()):
         for seeds in methods.values():
             for pts in seeds.values():
                 pts.sort(key=lambda r: r["forward_passes"])
-        per_fwd = seconds_per_forward(timings, trainable)
+        per_fwd = seconds_per_forward(timings, task, trainable)
         preset = {label(r): r["method"] for r in records if (r["task"], r["trainable"]) == (task, trainable)}
         base_preset = preset.get(args.baseline)
         if base_preset in per_fwd and all(preset[n] in per_fwd for n in methods):

@@ -285,3 +285,32 @@ def test_cli_no_query_exact(tmp_path):
     run = tmp_path / "run"
     assert json.loads((run / "summary.json").read_text())["status"] == "completed"
     assert json.loads((run / "config.json").read_text())["query_exact"] is False
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_a_stale_cache_after_a_restored_move_is_refreshed_not_trusted(exact):
+    """A one-at-a-time query (an ``auto`` trial at P = 1) moves a coordinate, runs the chain and
+    restores it: the cached block outputs after it are then those of the moved point. A later
+    batched group must not build on them, even with its fast forms already checked and trusted."""
+    model = _three_stage_cnn()
+    x, y = _batch(size=16)
+    batch = QueryBatch(2, exact=exact)
+    probe = QueryBatchLoss(model, x, y, query_batch=batch)
+    later = [m for m in _moves(model) if probe.where[id(m[0])][0] == 1]
+    want = _one_at_a_time(model, x, y, later)
+    with torch.no_grad():
+        probe()
+        first = probe.coordinate_losses(later)  # clean cache: the fast forms are checked here
+        assert any(v for k, v in batch.stacking.checks.items() if k[0] in ("channel", "delta"))
+        objective = QueryBatchLoss(model, x, y, query_batch=batch)
+        objective()
+        weight = model[0][0].weight  # a coordinate of block 0, moved, run, restored
+        old = weight.data.view(-1)[0].clone()
+        weight.data.view(-1)[0] += 0.5
+        ChainLoss.__call__(objective)
+        weight.data.view(-1)[0] = old
+        got = objective.coordinate_losses(later)
+    if exact:
+        assert got == first == want
+    else:  # (the first call returned the checked reference, later ones the incremental form)
+        assert max(abs(a - b) / abs(b) for a, b in zip(got, want)) <= 2e-6

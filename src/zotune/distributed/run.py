@@ -106,7 +106,10 @@ def leave_together() -> None:
     collectives; a peer that died already makes it fail at once, which is ignored here (the run's
     own result stands)."""
     try:
-        torch.distributed.barrier()
+        if torch.distributed.get_backend() == "nccl":
+            torch.distributed.barrier(device_ids=[torch.cuda.current_device()])
+        else:
+            torch.distributed.barrier()
     except RuntimeError:
         pass
 

@@ -223,11 +223,16 @@ class QueryBatchLoss(ChainLoss):
         units = _units(self.blocks[block])
         (name, copies), = stacked.items()
         rows = channels.row_of_moves(owner, name, copies, group)
-        if not (rows is not None and channels.is_stage(units) and block + 1 < len(self.blocks)
-                and self.inputs[block + 1] is not None and not self._changed(block)):
+        if not (rows is not None and channels.is_stage(units) and block + 1 < len(self.blocks)):
             return None
+        if self.inputs[block + 1] is None or any(self._changed(k) for k in range(block + 1)):
+            # The cached output of this block is not the one of the current parameters (a
+            # one-at-a-time group moved and restored a coordinate of this or an earlier block):
+            # one restart puts the cache back (counted in block_forwards), then it is the base.
+            ChainLoss.__call__(self)
+            x = self._cached_input(block)
         size, base = len(group), self.inputs[block + 1]
-        key = (block, name, size, tuple(x.shape))
+        key = (block, id(owner), name, size, tuple(x.shape), x.dtype)
 
         def exact():
             kind = "channel" if units.index(owner) == 0 else "channel-bn"  # a conv's rows, or BN's

@@ -63,13 +63,15 @@ def steering_vector(model, layer: int, dim: int = 16, *, basis_seed: int = 0x57E
             if getattr(hook, "zotune_steering", False):
                 del module._forward_hooks[key]
     width = model.config.hidden_size
+    if not 1 <= dim <= width:
+        raise ZotuneError(f"steering dim must be in 1..{width} (the hidden size), got {dim}")
     g = torch.Generator().manual_seed(basis_seed)
     basis = torch.linalg.qr(torch.randn(width, dim, generator=g, dtype=torch.float64))[0].float()
     z = torch.zeros(dim)
 
     def add(_module, _inputs, output):
         hidden = output[0] if isinstance(output, tuple) else output
-        hidden = hidden + (basis @ z).to(hidden.dtype)
+        hidden = hidden + (basis @ z).to(hidden.device, hidden.dtype)
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
     add.zotune_steering = True
