@@ -415,7 +415,7 @@ def fig2a_tables(recs: list[dict]) -> tuple[str, dict]:
                      f"{cell('rge')} | {acc['cge'][0] - acc['backprop'][0]:+.2f} | "
                      f"{acc['rge'][0] - acc['cge'][0]:+.2f} |")
         summary[model] = {"epoch": epoch, **{m: acc[m][0] for m in acc}}
-    lines += ["", "| model | first-order s/step | CGE (reuse) s/step | RGE (q = d) s/step | queries/step (ZO) |",
+    lines += ["", "| model | first-order s/step | CGE s/step (reuse; batched queries in the 2026-12-02 runs) | RGE (q = d) s/step | queries/step (ZO) |",
               "|---|---|---|---|---|"]
     for model in summary:
         cost = {}
