@@ -444,8 +444,8 @@ class EngineConfig:
                                   resume=FREE, added=True)
     query_batch: str = setting("auto", "cge/deepzero on image tasks: coordinate queries of one block "
                                "evaluated together, an integer P or auto (P measured per block on "
-                               "the first step); 1 is plain feature reuse (with --query-exact, the "
-                               "default, all bitwise equal, so a resumed run may change it)", resume=FREE, added=True)
+                               "the first step); 1 is plain feature reuse (all bitwise equal under "
+                               "--query-exact, so a resumed run may change it)", resume=FREE, added=True)
     query_exact: bool = setting(True, "batched coordinate queries bitwise equal to one at a time; "
                                 "--no-query-exact also updates the next convolution of a stage "
                                 "incrementally (equal within fp32 round-off, faster)", added=True)
