@@ -21,22 +21,21 @@ together, keeping the P copies' activations *folded* as one batch of P*B rows:
    a unit of another kind under ``torch.func.vmap``, or one call per copy;
 4. the loss of each copy is ``loss_fn`` on its rows of the logits, the call one query makes.
 
-Exactness (``exact=True``, the default): every fast form is compared bitwise with the reference (``functional_call`` per copy,
-the very call the one-at-a-time path makes) the first time it meets a (unit, P, input shape)
-(:class:`Stacking`); where it differs (another kernel or summation order: on this CPU a linear
-layer with stacked weights, vmap's batch norm, float64 stacked convolutions) the reference is
-used for that shape from then on. So the losses are those of the moves one at a time, bitwise
-(tests/test_query_batch.py, in float32 and float64), for any P and any grouping. With
+Exactness (``exact=True``, the default): every fast form is compared bitwise with the reference
+(``functional_call`` per copy, the very call the one-at-a-time path makes) the first time it meets
+a (unit, P, input shape) (:class:`Stacking`); where it differs (another kernel or summation order:
+on this CPU a linear layer with stacked weights, vmap's batch norm, float64 stacked convolutions)
+the reference is used for that shape from then on. So the losses are those of the moves one at a
+time, bitwise (tests/test_query_batch.py, in float32 and float64), for any P and any grouping. With
 ``exact=False`` the incremental next convolution is checked the same way but kept within
 ``channel_moves.DELTA_TOLERANCE`` of the exact path (the losses then differ from one at a time by
-round-off; every other form stays bitwise). Kernels are
-deterministic for fixed shapes on CPU; the check is per shape for that reason. BatchNorm's
-running statistics are left alone (the base query, a plain call, updates them once per step as
-``OnePassStatistics`` arranges). P per block is fixed (``query_batch=P``) or measured
-(``"auto"``, :class:`QueryBatch`: on the first step the first groups of each block are timed at
-P = 1, 2, 4, ... and the fastest per query is kept). ``P = 1`` is plain feature reuse. Cost per
-group: one forward of blocks j..J-1 on P*B rows (blocks j on 1/C of it with the channel form),
-plus, once per shape, the reference; memory: P activations per block.
+round-off; every other form stays bitwise). Kernels are deterministic for fixed shapes on CPU; the
+check is per shape for that reason. BatchNorm's running statistics are left alone (the base query,
+a plain call, updates them once per step as ``OnePassStatistics`` arranges). P per block is fixed
+(``query_batch=P``) or measured (``"auto"``, :class:`QueryBatch`: on the first step the first
+groups of each block are timed at P = 1, 2, 4, ... and the fastest per query is kept). ``P = 1`` is
+plain feature reuse. Cost per group: one forward of blocks j..J-1 on P*B rows (blocks j on 1/C of
+it with the channel form), plus, once per shape, the reference; memory: P activations per block.
 """
 from __future__ import annotations
 
@@ -236,9 +235,13 @@ class QueryBatchLoss(ChainLoss):
 
         def exact():
             kind = "channel" if units.index(owner) == 0 else "channel-bn"  # a conv's rows, or BN's
-            return self.stack._choose(
-                (kind,) + key, lambda: channels.with_rows(base, rows, channels.stage_rows(units, owner, name, copies, rows, x)),
-                lambda: _from_start(units, owner, stacked, x, size, self.stack))
+            def fast():
+                return channels.with_rows(base, rows, channels.stage_rows(units, owner, name, copies, rows, x))
+
+            def general():
+                return _from_start(units, owner, stacked, x, size, self.stack)
+
+            return self.stack._choose((kind,) + key, fast, general)
 
         following = _units(self.blocks[block + 1])
         if self.query_batch.exact or not channels.is_stage(following) or self._changed(block + 1):
