@@ -107,11 +107,6 @@ def with_rows(base: torch.Tensor, rows: torch.Tensor, y: torch.Tensor) -> torch.
     return out.view(size * base.shape[0], *base.shape[1:])
 
 
-def base_preactivation(units, z: torch.Tensor) -> torch.Tensor:
-    """The next stage's convolution on its base input (bias included): computed once per step."""
-    return units[0](z)
-
-
 def next_stage(units, pre: torch.Tensor, base: torch.Tensor, rows: torch.Tensor,
                y: torch.Tensor) -> torch.Tensor:
     """The next stage's output for each copy, folded ``(P * B, C2, ...)``, incrementally: copy p's

@@ -248,7 +248,7 @@ class QueryBatchLoss(ChainLoss):
             return exact(), block + 1
         pre = self._pre.get(block + 1)
         if pre is None or pre[0] is not base:
-            pre = self._pre[block + 1] = (base, channels.base_preactivation(following, base))
+            pre = self._pre[block + 1] = (base, following[0](base))  # its convolution, bias included, once
 
         def incremental():
             y = channels.stage_rows(units, owner, name, copies, rows, x)
