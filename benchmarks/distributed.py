@@ -53,7 +53,7 @@ def worker(args) -> None:
     import torch
 
     from zotune import ZOOptimizer
-    from zotune.distributed import init
+    from zotune.distributed import init, shutdown
     from zotune.models import load_model
 
     torch.set_num_threads(args.threads)
@@ -91,6 +91,8 @@ def worker(args) -> None:
             result["sweep_s"] = max(0.0, (result["step_s"] - 2 * fwd[args.batch]) / 2)
             result["sweep_cpu_s"] = max(0.0, (result["cpu_step_s"] - 2 * fwd_cpu[args.batch]) / 2)
     Path(f"{args.result}.{topo.rank if topo else 0}").write_text(json.dumps(result))
+    if topo:
+        shutdown()
 
 
 # ----------------------------------------------------------------------------- the launcher

@@ -13,7 +13,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_cge_parallel import STEPS, run  # noqa: E402
 
-from zotune.distributed import init  # noqa: E402
+from zotune.distributed import init, shutdown  # noqa: E402
 
 
 def main(out: Path, kinds: list[str]) -> None:
@@ -22,6 +22,7 @@ def main(out: Path, kinds: list[str]) -> None:
     for kind in kinds:
         result = run(kind, topo, STEPS)
         torch.save(result, out / f"{kind}-rank{topo.rank}.pt")
+    shutdown()  # every rank leaves together (an early exit can abort a peer on gloo)
 
 
 if __name__ == "__main__":

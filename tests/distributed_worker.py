@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers import lm_batch, tiny_llama  # noqa: E402
 
 from zotune import ZOOptimizer  # noqa: E402
-from zotune.distributed import RankFailure, init  # noqa: E402
+from zotune.distributed import RankFailure, init, shutdown  # noqa: E402
 
 STEPS, BATCH = 5, 4
 
@@ -51,6 +51,7 @@ def main(out: Path, specs: list[str]) -> None:
         torch.save({"losses": losses, "sent": sent, "numel": sum(p.numel() for p in model.parameters()),
                     "params": {n: p.detach().clone() for n, p in model.named_parameters()}},
                    out / f"{mode}-{pertp}-{probes}-rank{topo.rank}.pt")
+    shutdown()  # every rank leaves together (an early exit can abort a peer on gloo)
 
 
 if __name__ == "__main__":

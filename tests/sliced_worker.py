@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from zotune import ZOOptimizer
-from zotune.distributed import init
+from zotune.distributed import init, shutdown
 from zotune.models import tiny_model
 from zotune.objectives import CandidateScorer
 from zotune.tasks.base import Example
@@ -68,6 +68,7 @@ def main(out: Path, modes: list[str]) -> None:
         mode, _, names = spec.partition("=")
         for name in names.split(",") if names else CONFIGS:
             run(out, mode, name)
+    shutdown()  # every rank leaves together (an early exit can abort a peer on gloo)
 
 
 if __name__ == "__main__":

@@ -99,21 +99,6 @@ def topology_for(cfg) -> Topology | None:
                     cfg.model.device == "auto" and torch.cuda.is_available()) else "cpu")
 
 
-def leave_together() -> None:
-    """Wait for every rank before leaving the process group after a finished run: a rank that
-    tears gloo down while a peer is still in its last collective can abort the peer ("terminate
-    called without an active exception", seen under load). Not counted with the run's
-    collectives; a peer that died already makes it fail at once, which is ignored here (the run's
-    own result stands)."""
-    try:
-        if torch.distributed.get_backend() == "nccl":
-            torch.distributed.barrier(device_ids=[torch.cuda.current_device()])
-        else:
-            torch.distributed.barrier()
-    except RuntimeError:
-        pass
-
-
 @contextlib.contextmanager
 def context(cfg):
     """The run's :class:`RunContext` for the block (joins the process group for
@@ -122,11 +107,11 @@ def context(cfg):
     outer = _current
     topology = topology_for(cfg)
     _current = RunContext(topology)
+    finished = False
     try:
         yield _current
-        if topology is not None:
-            leave_together()
+        finished = True
     finally:
         _current = outer
         if topology is not None:
-            shutdown()
+            shutdown(together=finished)

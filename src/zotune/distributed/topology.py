@@ -207,7 +207,22 @@ def init(mode: str, pertp: int | None = None, *, timeout: float = DEFAULT_TIMEOU
     return Topology(mode, dp, pp, rank, world, mesh, Collectives(rank, timeout, device))
 
 
-def shutdown() -> None:
-    """Leave the process group (at the end of a run, every rank)."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown(*, together: bool = True) -> None:
+    """Leave the process group (at the end of a run, every rank; call it before the script ends).
+
+    ``together`` (after a finished run): wait for every rank first. A rank that tears gloo down,
+    or simply exits, while a peer is still in its last collective can abort that peer ("terminate
+    called without an active exception", seen under load). A peer that died already makes the
+    barrier fail at once, which is ignored: the run's own result stands. Pass ``together=False``
+    when leaving on an error, where peers may be inside another collective."""
+    if not dist.is_initialized():
+        return
+    if together:
+        try:
+            if dist.get_backend() == "nccl":
+                dist.barrier(device_ids=[torch.cuda.current_device()])
+            else:
+                dist.barrier()
+        except RuntimeError:
+            pass
+    dist.destroy_process_group()

@@ -128,8 +128,8 @@ def serve(session: RankingSession, directory: Path, *, host: str = "127.0.0.1", 
           out=None) -> None:
     """Serve ``session`` until interrupted; prints the URL (with the token) first.
 
-    ``port=0`` takes a free port. The socket is bound here, before uvicorn starts, so the printed
-    URL is the real one."""
+    ``port=0`` takes a free port. The socket is bound and listening here, before uvicorn starts,
+    so the printed URL is the real one and a browser opened at once is queued, not refused."""
     _starlette()
     import uvicorn
 
@@ -144,6 +144,7 @@ def serve(session: RankingSession, directory: Path, *, host: str = "127.0.0.1", 
     except OSError as exc:
         sock.close()
         raise ZotuneError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.listen(128)
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if family == socket.AF_INET6 else host
     url = f"http://{shown}:{bound}/?token={token}"
