@@ -38,7 +38,7 @@ from zotune import ZOOptimizer, rng  # noqa: E402
 from zotune.models import load_model, select_trainable, trainable_parameters  # noqa: E402
 from zotune.objectives import CandidateScorer  # noqa: E402
 from zotune.tasks import get_task  # noqa: E402
-from zotune.config import DEFAULT_EPS  # noqa: E402
+from zotune.config import DEFAULT_EPS, DEFAULT_LR, FZOO_STEP  # noqa: E402
 from zotune.train import BatchSampler  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,19 +53,16 @@ METHODS = {
     # The composition: KerZOO's estimator on PeZO's pool, with DiZO's projection.
     "kerzoo+pezo+dizo": {"method": "dizo", "kernel": {}, "direction": "pezo-pool"},
 }
-LR = {"full": 1e-5, "lora": 1e-4}
-FZOO_STEP = {"full": 3e-3, "lora": 3e-2}
-"""FZOO's lr in the code's convention (the length of a normalised step along the unit gradient,
-research/fzoo.md section 2), chosen by the short sweep recorded in docs/benchmarks.md; the paper's
-form (``fzoo``) carries 1/eps, so its lr is this times eps."""
 
 
 def default_lr(name: str, trainable: str, eps: float) -> float:
+    """The CLI's default lr (``zotune.config``): MeZO's step by scheme, FZOO's own step length
+    (chosen by the short sweep recorded in docs/benchmarks.md; the paper's form carries 1/eps)."""
     if name == "fzoo":
         return FZOO_STEP[trainable] * eps
     if name == "fzoo-code":
         return FZOO_STEP[trainable]
-    return LR[trainable]
+    return DEFAULT_LR[trainable]
 
 
 @torch.no_grad()

@@ -218,3 +218,15 @@ def test_cli_default_lr_of_the_code_form_is_the_papers_over_eps():
     code = TrainConfig.from_flat(method="fzoo-code").resolved().method
     assert code.lr == pytest.approx(paper.lr / paper.eps) and code.eps == paper.eps
     assert TrainConfig.from_flat(method="fzoo-code", lr=0.5).resolved().method.lr == 0.5
+
+
+@pytest.mark.parametrize("trainable", ["full", "lora"])
+def test_cli_default_lr_is_fzoos_step_length_not_mezos(trainable):
+    """FZOO's normalised step moves lr/eps whatever the loss's scale: its default is its own
+    step length (FZOO_STEP), not MeZO's lr, which the other methods take."""
+    from zotune.config import DEFAULT_LR, FZOO_STEP, TrainConfig
+
+    resolve = lambda m: TrainConfig.from_flat(method=m, trainable=trainable).resolved().method  # noqa: E731
+    paper, code, mezo, kerzoo = resolve("fzoo"), resolve("fzoo-code"), resolve("mezo"), resolve("kerzoo")
+    assert code.lr == FZOO_STEP[trainable] and paper.lr == pytest.approx(FZOO_STEP[trainable] * paper.eps)
+    assert mezo.lr == kerzoo.lr == DEFAULT_LR[trainable] != paper.lr

@@ -106,6 +106,23 @@ def objective_fn(cfg: TrainConfig, task, scorer):
     return f1_loss
 
 
+def make_optimizer(cfg: TrainConfig, model, params: dict) -> ZOOptimizer:
+    """The run's ZOOptimizer over ``params`` (from :func:`build`), as ``cfg`` (resolved) says:
+    method, lr, eps, probes, schedule, engine, and this rank's share of a distributed run."""
+    method, r = cfg.method, cfg.run
+    try:
+        return ZOOptimizer(list(params.items()), lr=method.lr, eps=method.eps, method=method.name,
+                           seed=r.seed, num_probes=method.num_probes,
+                           one_sided=method.one_sided, weight_decay=method.weight_decay,
+                           schedule=method.schedule, warmup_steps=method.warmup_steps,
+                           total_steps=r.steps, defer_update=cfg.engine.defer_update, model=model,
+                           **method.optimizer_options(), **cfg.engine.engine_options(),
+                           **({"device": resolve_device(cfg.model.device)} if cfg.engine.name == "offload" else {}),
+                           **ranks.current().optimizer_options())
+    except ValueError as err:
+        raise ZotuneError(f"method {method.name!r}: {err}") from None
+
+
 GENERATION_BATCH = 8
 """Prompts per batch of greedy generation (F1 tasks) in :func:`evaluate`."""
 
@@ -237,17 +254,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
     dev = data.dev[: d.eval_dev] if d.eval_dev else data.dev
     model, _, scorer, params = build(cfg, task, engine_places=cfg.engine.name == "offload")
     loss_of = objective_fn(cfg, task, scorer)
-    try:
-        opt = ZOOptimizer(list(params.items()), lr=method.lr, eps=method.eps, method=method.name,
-                          seed=r.seed, num_probes=method.num_probes,
-                          one_sided=method.one_sided, weight_decay=method.weight_decay,
-                          schedule=method.schedule, warmup_steps=method.warmup_steps,
-                          total_steps=r.steps, defer_update=cfg.engine.defer_update, model=model,
-                          **method.optimizer_options(), **cfg.engine.engine_options(),
-                          **({"device": resolve_device(cfg.model.device)} if cfg.engine.name == "offload" else {}),
-                          **ranks.current().optimizer_options())
-    except ValueError as err:
-        raise ZotuneError(f"method {method.name!r}: {err}") from None
+    opt = make_optimizer(cfg, model, params)
     rank = ranks.current()
     rank.check_optimizer(opt)
     # an offloaded model's checkpoints stream block by block from its tier (checkpoint_stream.py)

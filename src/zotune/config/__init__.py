@@ -12,11 +12,11 @@ The spelling of the former flat TrainConfig (``lr: 1.0e-5``, ``kernel_order: 3``
 """
 from .keys import (BY_FLAT, BY_PATH, COMMAND_LINE, LEAVES, SECTIONS, Leaf, resume_conflicts,
                    resume_keys)
-from .sections import (DEFAULT_EPS, DEFAULT_LR, DTYPES, ESTIMATORS, FIXED, FREE, OBJECTIVES,
+from .sections import (DEFAULT_EPS, DEFAULT_LR, DTYPES, ESTIMATORS, FIXED, FREE, FZOO_STEP, OBJECTIVES,
                        PROJECTIONS, TRAINABLE, DataConfig, DiZOOptions, EngineConfig, KernelOptions,
                        MethodConfig, ModelConfig, PeZOOptions, RunConfig, TrainConfig, setting)
 
 __all__ = ["BY_FLAT", "BY_PATH", "COMMAND_LINE", "DEFAULT_EPS", "DEFAULT_LR", "DTYPES", "ESTIMATORS", "FIXED", "FREE",
-           "LEAVES", "OBJECTIVES", "PROJECTIONS", "SECTIONS", "TRAINABLE", "DataConfig", "DiZOOptions",
+           "FZOO_STEP", "LEAVES", "OBJECTIVES", "PROJECTIONS", "SECTIONS", "TRAINABLE", "DataConfig", "DiZOOptions",
            "EngineConfig", "KernelOptions", "Leaf", "MethodConfig", "ModelConfig", "PeZOOptions",
            "RunConfig", "TrainConfig", "resume_conflicts", "resume_keys", "setting"]

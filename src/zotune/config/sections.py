@@ -32,9 +32,19 @@ OBJECTIVES = ("auto", "classification", "answer_lm", "accuracy", "f1")
 TRAINABLE = ("full", "lora", "prefix", "pattern")
 ESTIMATORS = ("spsa", "kernel")
 PROJECTIONS = ("none", "dizo", "dizo-fo")
-# MeZO's per-scheme defaults (research/mezo_zobench.md, section 3.1): lr and eps.
-DEFAULT_LR = {"full": 1e-6, "lora": 1e-4, "prefix": 1e-2, "pattern": 1e-6}
+# Per-scheme defaults: MeZO's eps (research/mezo_zobench.md, section 3.1) and lr; full and pattern
+# lr measured on the default model, SmolLM2-135M: 3e-5 learns on every task in a 40-step run
+# (docs/benchmarks.md, "Do the CLI's defaults learn?"); MeZO's 1e-6 is OPT-13B's for 20k steps and
+# barely moves a 135M model in hundreds. The stable lr of ZO-SGD falls about as 1/d with the
+# number d of trained parameters, so a larger model wants about 3e-5 * 135M / d (OPT-13B: 3e-7,
+# inside MeZO's 1e-7..1e-6).
+DEFAULT_LR = {"full": 3e-5, "lora": 1e-4, "prefix": 1e-2, "pattern": 3e-5}
 DEFAULT_EPS = {"full": 1e-3, "lora": 1e-2, "prefix": 1e-1, "pattern": 1e-3}
+# FZOO's step is normalised (it moves lr / eps along the unit-variance direction whatever the
+# loss's scale), so its lr is a step length, not MeZO's: the code form's lr by scheme, chosen by
+# the sweep in docs/benchmarks.md (methods benchmark); the paper's form carries 1/eps, so its lr is
+# this times eps.
+FZOO_STEP = {"full": 3e-3, "lora": 3e-2, "prefix": 3e-2, "pattern": 3e-3}
 
 FIXED = "fixed"
 """The setting changes what the run computes: a resumed run must keep it."""
@@ -294,7 +304,8 @@ class MethodConfig:
     name: str = setting("mezo", "ZO method (a preset of the parts below)", flat="method",
                         choices=_methods)
     lr: float | None = setting(None, "learning rate", default_text=_default_by_scheme(DEFAULT_LR)
-                               + "; fzoo-code: that over eps")
+                               + "; fzoo-code: " + ", ".join(f"{k} {v:g}" for k, v in FZOO_STEP.items())
+                               + "; fzoo: that times eps")
     eps: float | None = setting(None, "perturbation scale",
                                 default_text=_default_by_scheme(DEFAULT_EPS))
     num_probes: int | None = setting(None, "directions per step (n-SPSA)",
@@ -564,9 +575,12 @@ class TrainConfig:
         if cfg.method.eps is None:
             cfg.method.eps = DEFAULT_EPS.get(scheme, 1e-3)
         if cfg.method.lr is None:
-            cfg.method.lr = DEFAULT_LR.get(scheme, 1e-6)
-            if cfg.method.name == "fzoo-code":  # its step has no 1/eps: lr_code = lr_paper / eps
-                cfg.method.lr /= cfg.method.eps
+            if cfg.method.name == "fzoo-code":  # its step has no 1/eps
+                cfg.method.lr = FZOO_STEP.get(scheme, 3e-3)
+            elif cfg.method.name == "fzoo":
+                cfg.method.lr = FZOO_STEP.get(scheme, 3e-3) * cfg.method.eps
+            else:
+                cfg.method.lr = DEFAULT_LR.get(scheme, 3e-5)
         cfg.validate()
         return cfg
 

@@ -1,0 +1,146 @@
+"""Do the CLI's defaults learn? One short run per task of ``zotune list`` with nothing but the task set.
+
+For each task: the configuration ``zotune train --task T`` resolves to (method, lr, eps, probes,
+direction, batch size, trainable scheme and model: all defaults; only ``--steps`` is short), the
+recipe's own model, objective and optimizer (``zotune.train.build``, ``objective_fn``,
+``make_optimizer``) and its batches (``BatchSampler``, seed 0). On a fixed test sample, before and
+after: the task's metric (accuracy, or F1 for SQuAD) and the training objective per example
+(classification cross-entropy of the gold candidate; SQuAD: the gold answer's token
+cross-entropy). The loss is the measure: the metric on a hundred examples moves by less than its
+sampling error in a short run. A task *learns* when the mean per-example loss falls by more than
+two standard errors of the paired differences (z = mean(after - before) / SE < -2) and by at least
+1% of its value before (a consistent but negligible shift is not learning).
+
+One JSON line per task is appended to ``--log`` (runs can be split; ``--from-log`` rebuilds the
+table in docs/benchmarks.md).
+
+    python benchmarks/defaults.py --data-dir ../shared/data --steps 40 --log benchmarks/logs/defaults.jsonl
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from step_speed import write_section  # noqa: E402
+
+from zotune.config import TrainConfig  # noqa: E402
+from zotune.train import BatchSampler, build, evaluate, load_task, make_optimizer, objective_fn  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = ["sst2", "rte", "cb", "boolq", "wsc", "wic", "multirc", "copa", "squad"]
+
+
+@torch.no_grad()
+def per_example_losses(loss_of, examples) -> list[float]:
+    """The training objective of each example on its own (a batch of one)."""
+    return [float(loss_of([ex])) for ex in examples]
+
+
+def run_task(args, name: str) -> dict:
+    cfg = TrainConfig.from_flat(task=name, data_dir=args.data_dir, steps=args.steps, seed=args.seed,
+                                num_test=args.num_test, output_dir=os.devnull).resolved()
+    d, m = cfg.data, cfg.method
+    task = load_task(cfg)
+    data = task.load(d.data_dir, num_train=d.num_train, num_dev=d.num_dev, num_test=d.num_test,
+                     seed=d.data_seed, skip_bad_rows=d.skip_bad_rows)
+    model, _, scorer, params = build(cfg, task)
+    loss_of = objective_fn(cfg, task, scorer)
+    opt = make_optimizer(cfg, model, params)
+    test = data.test
+    before_loss = per_example_losses(loss_of, test)
+    before_metric = evaluate(scorer, task, test, d.eval_batch_size)
+    sampler = BatchSampler(len(data.train), d.batch_size, cfg.run.seed)
+    start, train_losses = time.perf_counter(), []
+    for step in range(args.steps):
+        batch = [data.train[i] for i in sampler.indices(step)]
+        train_losses.append(float(opt.step(lambda b=batch: loss_of(b))))
+    opt.flush()
+    train_s = time.perf_counter() - start
+    after_loss = per_example_losses(loss_of, test)
+    after_metric = evaluate(scorer, task, test, d.eval_batch_size)
+    diffs = [a - b for a, b in zip(after_loss, before_loss)]
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return {"task": name, "metric": task.metric, "method": m.name, "direction": m.direction_name(),
+            "trainable": cfg.model.trainable, "lr": m.lr, "eps": m.eps, "num_probes": m.num_probes or 1,
+            "batch_size": d.batch_size, "seed": cfg.run.seed, "steps": args.steps,
+            "forward_passes": opt.forward_passes, "skipped_steps": opt.skipped_steps,
+            "test_examples": len(test), "loss_before": statistics.fmean(before_loss),
+            "loss_after": statistics.fmean(after_loss), "loss_change": statistics.fmean(diffs),
+            "loss_change_se": se, "z": statistics.fmean(diffs) / se if se > 0 else float("nan"),
+            "metric_before": before_metric, "metric_after": after_metric,
+            "train_loss_first": statistics.fmean(train_losses[:5]),
+            "train_loss_last": statistics.fmean(train_losses[-5:]), "train_s": train_s,
+            "loadavg": os.getloadavg()[0], "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def learns(r: dict) -> bool:
+    return r["z"] < -2 and r["loss_change"] <= -0.01 * r["loss_before"]
+
+
+def write_table(rows: list[dict], args) -> None:
+    if not rows:
+        return
+    r0 = rows[0]
+    lines = [
+        "## Do the CLI's defaults learn? (`benchmarks/defaults.py`, issue 16)",
+        "",
+        f"Command: `python benchmarks/defaults.py --data-dir ../shared/data --steps {r0['steps']} "
+        f"--log benchmarks/logs/defaults.jsonl` (one task per invocation with `--tasks T`; the table "
+        "from `--from-log benchmarks/logs/defaults.jsonl`)",
+        "",
+        f"`zotune train --task T` with every other setting at its default, for {r0['steps']} steps: "
+        f"SmolLM2-135M, method {r0['method']} ({r0['direction']} directions, {r0['num_probes']} probe), "
+        f"{r0['trainable']} parameters, lr {r0['lr']:g}, eps {r0['eps']:g}, batch {r0['batch_size']}, "
+        f"seed {r0['seed']}; MeZO's data protocol. Loss: the training objective per test example, "
+        "before and after; z: the mean change over its standard error (paired over the examples); "
+        "a task learns when z < -2 and the loss falls by at least 1%. The metric (accuracy; SQuAD: F1) is shown beside it; on this "
+        "many examples it moves by less than its sampling error.",
+        "",
+        "| task | test examples | loss before | loss after | change (SE) | z | learns | metric before | metric after | train s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    order = {t: i for i, t in enumerate(TASKS)}
+    for r in sorted(rows, key=lambda r: (order.get(r["task"], 99), r["seed"])):
+        lines.append(f"| {r['task']} | {r['test_examples']} | {r['loss_before']:.4f} | {r['loss_after']:.4f} "
+                     f"| {r['loss_change']:+.4f} ({r['loss_change_se']:.4f}) | {r['z']:+.1f} "
+                     f"| {'yes' if learns(r) else 'no'} | {r['metric_before']:.1f} | {r['metric_after']:.1f} "
+                     f"| {r['train_s']:.0f} |")
+    missing = [t for t in TASKS if t not in {r["task"] for r in rows}]
+    if missing:
+        lines += ["", f"Not run yet: {', '.join(missing)}."]
+    write_section(Path(args.out), "\n".join(lines) + "\n", "defaults")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data-dir", default=os.environ.get("ZOTUNE_DATA"))
+    p.add_argument("--tasks", nargs="*", default=TASKS, choices=TASKS)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-test", type=int, default=100)
+    p.add_argument("--log", default=str(ROOT / "benchmarks" / "logs" / "defaults.jsonl"))
+    p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
+    p.add_argument("--from-log", action="store_true", help="only rebuild the table from --log")
+    args = p.parse_args()
+    if not args.from_log:
+        for name in args.tasks:
+            row = run_task(args, name)
+            print(json.dumps(row), flush=True)
+            with open(args.log, "a") as f:
+                f.write(json.dumps(row) + "\n")
+    log = Path(args.log)
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
+    write_table(rows, args)
+
+
+if __name__ == "__main__":
+    main()
