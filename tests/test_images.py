@@ -217,6 +217,19 @@ def test_cli_epochs_and_the_two_baselines(fm_dir, tmp_path, capsys):
         assert summary["steps"] == 6 and summary["epochs"] == 1.0 and summary["method"] == method
 
 
+def test_cli_image_task_alone_trains_lenet5_and_an_explicit_model_is_kept(fm_dir, tmp_path):
+    """``zotune train --task fashion-mnist`` alone runs: the language default model becomes the
+    image default (LeNet-5), with the method's image lr and eps."""
+    out = tmp_path / "alone"
+    assert cli.main(["train", "--task", "fashion-mnist", "--data-dir", str(fm_dir), "--steps", "2",
+                     "--output-dir", str(out)]) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["model"], saved["method"], saved["lr"], saved["eps"]) == ("lenet5", "mezo", 1e-3, 1e-3)
+    out = tmp_path / "cnn"
+    assert cli.main(train_args(fm_dir, out, "--model", "cnn-730", "--steps", "2")) == 0
+    assert json.loads((out / "config.json").read_text())["model"] == "cnn-730"
+
+
 def error_of(capsys, args) -> str:
     assert cli.main(args) == 2
     err = capsys.readouterr().err.strip()

@@ -54,11 +54,21 @@ def is_image_task(cfg) -> bool:
     return cfg.data.task_file is None and cfg.data.task in IMAGE_TASKS
 
 
+IMAGE_MODEL = "lenet5"
+"""The model of an image task whose ``--model`` is left at the language default."""
+
+
 def with_defaults(cfg):
-    """``cfg`` with the image defaults of its method for the unset lr, eps and lr_bp."""
+    """``cfg`` with the image defaults of its method for the unset lr, eps and lr_bp, and
+    :data:`IMAGE_MODEL` for a model left at the language default (``zotune train --task
+    fashion-mnist`` alone runs)."""
+    from .config import ModelConfig
+
     m = cfg.method
     defaults = DEFAULTS.get(m.name, {"lr": 1e-3, "eps": 1e-3, "lr_bp": 0.05})
     given = {k: v for k, v in defaults.items() if getattr(m, k) is None}
+    if cfg.model.name == ModelConfig().name:
+        given["model"] = IMAGE_MODEL
     return cfg.updated(given, source="the image-task defaults") if given else cfg
 
 
