@@ -121,11 +121,11 @@ def write_table(rows: list[dict], args) -> None:
     lines = [
         "## Do the CLI's defaults learn? (`benchmarks/defaults.py`, issue 16)",
         "",
-        f"Command: `python benchmarks/defaults.py --data-dir ../shared/data --steps {r0['steps']} "
-        f"--log benchmarks/logs/defaults.jsonl` (one task per invocation with `--tasks T`; the table "
-        "from `--from-log benchmarks/logs/defaults.jsonl`)",
+        "Command: `python benchmarks/defaults.py --data-dir ../shared/data --steps N --tasks T "
+        "--log benchmarks/logs/defaults.jsonl` (N: the steps column; `benchmarks/logs/run_defaults.sh` "
+        "runs one task per invocation and commits the log; the table from `--from-log`)",
         "",
-        f"`zotune train --task T` with every other setting at its default, for {r0['steps']} steps: "
+        "`zotune train --task T --steps N` with every other setting at its default: "
         f"SmolLM2-135M, method {r0['method']} ({r0['direction']} directions, {r0['num_probes']} probe), "
         f"{r0['trainable']} parameters, lr {r0['lr']:g}, eps {r0['eps']:g}, batch {r0['batch_size']}, "
         f"seed {r0['seed']}; MeZO's data protocol. Loss: the training objective per test example, "
@@ -133,12 +133,12 @@ def write_table(rows: list[dict], args) -> None:
         "a task learns when z < -2 and the loss falls by at least 1%. The metric (accuracy; SQuAD: F1) is shown beside it; on this "
         "many examples it moves by less than its sampling error.",
         "",
-        "| task | test examples | loss before | loss after | change (SE) | z | learns | metric before | metric after | train s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| task | steps | test examples | loss before | loss after | change (SE) | z | learns | metric before | metric after | train s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     order = {t: i for i, t in enumerate(TASKS)}
-    for r in sorted(rows, key=lambda r: (order.get(r["task"], 99), r["seed"])):
-        lines.append(f"| {r['task']} | {r['test_examples']} | {r['loss_before']:.4f} | {r['loss_after']:.4f} "
+    for r in sorted(rows, key=lambda r: (order.get(r["task"], 99), r["steps"], r["seed"])):
+        lines.append(f"| {r['task']} | {r['steps']} | {r['test_examples']} | {r['loss_before']:.4f} | {r['loss_after']:.4f} "
                      f"| {r['loss_change']:+.4f} ({r['loss_change_se']:.4f}) | {r['z']:+.1f} "
                      f"| {'yes' if learns(r) else 'no'} | {r['metric_before']:.1f} | {r['metric_after']:.1f} "
                      f"| {r['train_s']:.0f} |")
