@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from step_speed import write_section  # noqa: E402
 
-from zotune.config import TrainConfig  # noqa: E402
+from zotune.config import DEFAULT_LR, TrainConfig  # noqa: E402
 from zotune.train import BatchSampler, build, evaluate, load_task, make_optimizer, objective_fn  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,8 +47,9 @@ def per_example_losses(loss_of, examples) -> list[float]:
 
 
 def run_task(args, name: str) -> dict:
+    extra = {"lr": args.lr} if args.lr is not None else {}
     cfg = TrainConfig.from_flat(task=name, data_dir=args.data_dir, steps=args.steps, seed=args.seed,
-                                num_test=args.num_test, output_dir=os.devnull).resolved()
+                                num_test=args.num_test, output_dir=os.devnull, **extra).resolved()
     d, m = cfg.data, cfg.method
     task = load_task(cfg)
     data = task.load(d.data_dir, num_train=d.num_train, num_dev=d.num_dev, num_test=d.num_test,
@@ -127,7 +128,8 @@ def write_table(rows: list[dict], args) -> None:
         "",
         "`zotune train --task T --steps N` with every other setting at its default: "
         f"SmolLM2-135M, method {r0['method']} ({r0['direction']} directions, {r0['num_probes']} probe), "
-        f"{r0['trainable']} parameters, lr {r0['lr']:g}, eps {r0['eps']:g}, batch {r0['batch_size']}, "
+        f"{r0['trainable']} parameters, lr {DEFAULT_LR[r0['trainable']]:g} (a row at another lr is a "
+        f"diagnostic, marked), eps {r0['eps']:g}, batch {r0['batch_size']}, "
         f"seed {r0['seed']}; MeZO's data protocol. Loss: the training objective per test example, "
         "before and after; z: the mean change over its standard error (paired over the examples); "
         "a task learns when z < -2 and the loss falls by at least 1%. The metric (accuracy; SQuAD: F1) is shown beside it; on this "
@@ -138,7 +140,8 @@ def write_table(rows: list[dict], args) -> None:
     ]
     order = {t: i for i, t in enumerate(TASKS)}
     for r in sorted(rows, key=lambda r: (order.get(r["task"], 99), r["steps"], r["seed"])):
-        lines.append(f"| {r['task']} | {r['steps']} | {r['test_examples']} | {r['loss_before']:.4f} | {r['loss_after']:.4f} "
+        lr = "" if r["lr"] == DEFAULT_LR[r["trainable"]] else f" (lr {r['lr']:g})"
+        lines.append(f"| {r['task']}{lr} | {r['steps']} | {r['test_examples']} | {r['loss_before']:.4f} | {r['loss_after']:.4f} "
                      f"| {r['loss_change']:+.4f} ({r['loss_change_se']:.4f}) | {r['z']:+.1f} "
                      f"| {'yes' if learns(r) else 'no'} | {r['metric_before']:.1f} | {r['metric_after']:.1f} "
                      f"| {r['train_s']:.0f} |")
@@ -167,6 +170,7 @@ def main():
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--image-steps", type=int, default=1000, help="steps of an image task (the CLI's default)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, help="a diagnostic run away from the default lr (its rows are marked)")
     p.add_argument("--num-test", type=int, default=100)
     p.add_argument("--log", default=str(ROOT / "benchmarks" / "logs" / "defaults.jsonl"))
     p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
