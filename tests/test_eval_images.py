@@ -55,6 +55,9 @@ def test_bad_eval_inputs_are_one_line_errors(fm_dir, tmp_path, capsys):
     assert cli.main(["eval", "--checkpoint", str(run), "--split", "dev"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "has no 'dev' split; use --split test" in err
-    assert cli.main(["eval", "--task", "fashion-mnist", "--data-dir", str(fm_dir)]) == 2
+    assert cli.main(["eval", "--task", "fashion-mnist", "--model", "gpt2", "--data-dir", str(fm_dir)]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "unknown image model 'smollm2-135m'" in err
+    assert len(err.splitlines()) == 1 and "unknown image model 'gpt2'" in err
+    # Without --model, the image default (as zotune train): LeNet-5's initialisation.
+    assert cli.main(["eval", "--task", "fashion-mnist", "--data-dir", str(fm_dir)]) == 0
+    assert last_json(capsys)["parameters"] == "initialisation"
