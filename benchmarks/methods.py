@@ -38,7 +38,8 @@ from zotune import ZOOptimizer, rng  # noqa: E402
 from zotune.models import load_model, select_trainable, trainable_parameters  # noqa: E402
 from zotune.objectives import CandidateScorer  # noqa: E402
 from zotune.tasks import get_task  # noqa: E402
-from zotune.config import DEFAULT_EPS, DEFAULT_LR, FZOO_STEP  # noqa: E402
+from zotune.config import DEFAULT_EPS  # noqa: E402
+from zotune.config import default_lr as config_default_lr  # noqa: E402
 from zotune.train import BatchSampler  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,13 +57,8 @@ METHODS = {
 
 
 def default_lr(name: str, trainable: str, eps: float) -> float:
-    """The CLI's default lr (``zotune.config``): MeZO's step by scheme, FZOO's own step length
-    (chosen by the short sweep recorded in docs/benchmarks.md; the paper's form carries 1/eps)."""
-    if name == "fzoo":
-        return FZOO_STEP[trainable] * eps
-    if name == "fzoo-code":
-        return FZOO_STEP[trainable]
-    return DEFAULT_LR[trainable]
+    """The CLI's default lr of a benchmark method (its preset's: ``zotune.config.default_lr``)."""
+    return config_default_lr(METHODS[name]["method"], trainable, eps)
 
 
 @torch.no_grad()

@@ -14,9 +14,9 @@ from .keys import (BY_FLAT, BY_PATH, COMMAND_LINE, LEAVES, SECTIONS, Leaf, resum
                    resume_keys)
 from .sections import (DEFAULT_EPS, DEFAULT_LR, DTYPES, ESTIMATORS, FIXED, FREE, FZOO_STEP, OBJECTIVES,
                        PROJECTIONS, TRAINABLE, DataConfig, DiZOOptions, EngineConfig, KernelOptions,
-                       MethodConfig, ModelConfig, PeZOOptions, RunConfig, TrainConfig, setting)
+                       MethodConfig, ModelConfig, PeZOOptions, RunConfig, TrainConfig, default_lr, setting)
 
 __all__ = ["BY_FLAT", "BY_PATH", "COMMAND_LINE", "DEFAULT_EPS", "DEFAULT_LR", "DTYPES", "ESTIMATORS", "FIXED", "FREE",
            "FZOO_STEP", "LEAVES", "OBJECTIVES", "PROJECTIONS", "SECTIONS", "TRAINABLE", "DataConfig", "DiZOOptions",
            "EngineConfig", "KernelOptions", "Leaf", "MethodConfig", "ModelConfig", "PeZOOptions",
-           "RunConfig", "TrainConfig", "resume_conflicts", "resume_keys", "setting"]
+           "RunConfig", "TrainConfig", "default_lr", "resume_conflicts", "resume_keys", "setting"]
