@@ -2,8 +2,8 @@
 
 For each task: the configuration ``zotune train --task T`` resolves to (method, lr, eps, probes,
 direction, batch size, trainable scheme and model: all defaults; only ``--steps`` is short), the
-recipe's own model, objective and optimizer (``zotune.train.build``, ``objective_fn``,
-``make_optimizer``) and its batches (``BatchSampler``, seed 0). On a fixed test sample, before and
+recipe's own data, model, objective and optimizer (``zotune.train.load_data``, ``build``,
+``objective_fn``, ``make_optimizer``) and its batches (``BatchSampler``, seed 0). On a fixed test sample, before and
 after: the task's metric (accuracy, or F1 for SQuAD) and the training objective per example
 (classification cross-entropy of the gold candidate; SQuAD: the gold answer's token
 cross-entropy). The loss is the measure: the metric on a hundred examples moves by less than its
@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from step_speed import write_section  # noqa: E402
 
 from zotune.config import DEFAULT_LR, TrainConfig  # noqa: E402
-from zotune.train import BatchSampler, build, evaluate, load_task, make_optimizer, objective_fn  # noqa: E402
+from zotune.train import (BatchSampler, build, evaluate, load_data, load_task, make_optimizer,  # noqa: E402
+                          objective_fn)
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ["sst2", "rte", "cb", "boolq", "wsc", "wic", "multirc", "copa", "squad"]
@@ -52,8 +53,7 @@ def run_task(args, name: str) -> dict:
                                 num_test=args.num_test, output_dir=os.devnull, **extra).resolved()
     d, m = cfg.data, cfg.method
     task = load_task(cfg)
-    data = task.load(d.data_dir, num_train=d.num_train, num_dev=d.num_dev, num_test=d.num_test,
-                     seed=d.data_seed, skip_bad_rows=d.skip_bad_rows)
+    data = load_data(cfg, task)
     model, _, scorer, params = build(cfg, task)
     loss_of = objective_fn(cfg, task, scorer)
     opt = make_optimizer(cfg, model, params)

@@ -52,6 +52,13 @@ def load_task(cfg: TrainConfig):
     return load_custom_task(d.task_file) if d.task_file else get_task(d.task)
 
 
+def load_data(cfg: TrainConfig, task):
+    """The run's train/dev/test examples of ``task`` (MeZO's protocol, the config's sizes and seed)."""
+    d = cfg.data
+    return task.load(d.data_dir, num_train=d.num_train, num_dev=d.num_dev, num_test=d.num_test,
+                     seed=d.data_seed, skip_bad_rows=d.skip_bad_rows)
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` is the GPU when there is one, else the CPU."""
     if name == "auto":
@@ -249,8 +256,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
     open_run_directory(out, cfg, resume)
 
     task = load_task(cfg)
-    data = task.load(d.data_dir, num_train=d.num_train, num_dev=d.num_dev, num_test=d.num_test,
-                     seed=d.data_seed, skip_bad_rows=d.skip_bad_rows)
+    data = load_data(cfg, task)
     dev = data.dev[: d.eval_dev] if d.eval_dev else data.dev
     model, _, scorer, params = build(cfg, task, engine_places=cfg.engine.name == "offload")
     loss_of = objective_fn(cfg, task, scorer)
