@@ -58,7 +58,8 @@ METHODS = {
 
 def default_lr(name: str, trainable: str, eps: float) -> float:
     """The CLI's default lr of a benchmark method (its preset's: ``zotune.config.default_lr``)."""
-    return config_default_lr(METHODS[name]["method"], trainable, eps)
+    spec = METHODS[name]
+    return config_default_lr(spec["method"], trainable, eps, kernel=spec.get("kernel"))
 
 
 @torch.no_grad()
@@ -151,8 +152,16 @@ def timing(args, data, trainable):
 
 
 def _first_reach(points, target):
-    """(forward passes, train seconds) of the first eval point at or below ``target``, else None."""
-    return next(((p["forward_passes"], p["train_s"]) for p in points if p["test_loss"] <= target), None)
+    """(forward passes, train seconds) of the first eval point from which the loss stays at or
+    below ``target`` to the run's end, else None: a run that dips below MeZO's final loss and then
+    diverges has not reached it."""
+    hit = None
+    for p in points:
+        if p["test_loss"] > target:
+            hit = None
+        elif hit is None:
+            hit = (p["forward_passes"], p["train_s"])
+    return hit
 
 
 def _mezo_equivalent(mezo, loss, key):
@@ -171,7 +180,8 @@ def speedup(points, mezo, key):
     """How many of MeZO's forward passes (``key="forward_passes"``) or seconds (``"train_s"``) one
     of the method's is worth, on test loss, for one seed.
 
-    If the method reaches MeZO's final loss: MeZO's total over the method's at that point
+    If the method reaches MeZO's final loss and stays there (:func:`_first_reach`): MeZO's total
+    over the method's at that point
     (> 1: faster). If not: what MeZO needed to reach the method's final loss over the method's
     total (< 1). None where it cannot be read off (MeZO never reaches the method's final loss)."""
     target = mezo[-1]["test_loss"]
@@ -180,7 +190,7 @@ def speedup(points, mezo, key):
         at = hit[0] if key == "forward_passes" else hit[1]
         return mezo[-1][key] / at if at else None
     equiv = _mezo_equivalent(mezo, points[-1]["test_loss"], key)
-    return None if equiv is None else equiv / points[-1][key]
+    return None if equiv is None or not points[-1][key] else equiv / points[-1][key]
 
 
 def _spread(values):
@@ -208,8 +218,8 @@ def seconds_per_forward(timings, task, trainable) -> dict:
 def summarise(records, args, timings=()):
     """Table rows and curves per (task, trainable), each method against MeZO seed by seed.
 
-    Per seed (same batches for every method): the forward passes at which the method first reaches
-    MeZO's final test loss of that seed, and the speed-up on test loss per forward pass and per
+    Per seed (same batches for every method): the forward passes from which the method stays at or
+    below MeZO's final test loss of that seed, and the speed-up on test loss per forward pass and per
     second (:func:`speedup`); the curves are means over seeds at each eval point. Seconds: where
     side-by-side step times exist for both presets (``timings``), a run's seconds are its forward
     passes times its preset's s per forward pass from them, so runs made at different machine
@@ -233,7 +243,7 @@ def summarise(records, args, timings=()):
                         r["train_s"] = r["forward_passes"] * per_fwd[preset[name]]
         mezo = methods.get(args.baseline, {})
         rows = ["| method | lr | seeds | forward passes run (per seed) | final test loss (mean; per seed) | "
-                "final test acc (mean; per seed) | first reaches MeZO's final loss at forward pass (per seed) | "
+                "final test acc (mean; per seed) | at or below MeZO's final loss from forward pass (per seed) | "
                 "speed-up per forward pass (mean; per seed) | speed-up per second (mean; per seed) | "
                 "train s per forward pass | skipped steps |",
                 "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -375,11 +385,12 @@ def main():
     text = (f"## Methods at one forward-pass budget (`benchmarks/methods.py`)\n\nTables and plots rebuilt "
             f"from `{args.log}` by `{cmd.strip()} --from-log`.\n\n"
             f"SmolLM2-135M, MeZO prompts and data protocol, batch {args.batch_size}, eps as MeZO's for every "
-            f"method; lr: MeZO's for the methods with MeZO's step, FZOO's own (column lr); test loss "
+            f"method; lr: MeZO's for the methods with MeZO's step, FZOO's own, MeZO's times E[g]/E[g^2] for "
+            f"a kernel estimator (column lr); test loss "
             f"(cross-entropy of the gold candidate) and accuracy on the first {args.test_size} test examples, "
             f"evaluated every {args.eval_every} forward passes. Wall-clock is training time only. Speed-up per "
-            "forward pass, per seed: where the method reaches MeZO's final test loss (same seed, same "
-            "batches), MeZO's forward passes over the method's at that point; where it does not, the forward "
+            "forward pass, per seed: where the method reaches MeZO's final test loss and stays at or below "
+            "it to the end (same seed, same batches), MeZO's forward passes over the method's at that point; where it does not, the forward "
             "passes MeZO needed to reach the method's final loss (interpolated) over the method's. Per second: "
             "the same with seconds, each run's forward passes times its method's s per forward pass measured "
             "side by side (`--timing-steps`, table below) where those exist, else its own training seconds. "

@@ -227,6 +227,6 @@ def test_cli_default_lr_is_fzoos_step_length_not_mezos(trainable):
     from zotune.config import DEFAULT_LR, FZOO_STEP, TrainConfig
 
     resolve = lambda m: TrainConfig.from_flat(method=m, trainable=trainable).resolved().method  # noqa: E731
-    paper, code, mezo, kerzoo = resolve("fzoo"), resolve("fzoo-code"), resolve("mezo"), resolve("kerzoo")
+    paper, code, mezo, pezo = resolve("fzoo"), resolve("fzoo-code"), resolve("mezo"), resolve("pezo")
     assert code.lr == FZOO_STEP[trainable] and paper.lr == pytest.approx(FZOO_STEP[trainable] * paper.eps)
-    assert mezo.lr == kerzoo.lr == DEFAULT_LR[trainable] != paper.lr
+    assert mezo.lr == pezo.lr == DEFAULT_LR[trainable] != paper.lr

@@ -211,3 +211,53 @@ def test_kerzoo_code_preset_options():
     assert (est.num_probes, est.r_sharing, est.normalization, est.schedule) == (3, "tensor", "code", "linear")
     assert opt.clip_norm == 4e5 and opt.rule.name == "agd" and not opt.defer_update
     assert opt.forward_passes == 0 and est.forward_passes == 6
+
+
+@pytest.mark.parametrize("order,normalization,s", [(1, "paper", 1.0), (3, "paper", 1.0), (5, "paper", 1.0),
+                                                   (3, "code", 1.0), (3, "code", 0.6)])
+def test_gain_moments_are_what_the_estimator_applies(order, normalization, s):
+    """gain_moments (Gauss-Legendre) against, first, a 200,000-point midpoint sum of the kernel
+    formula and, second, the mean and mean square of the coefficient that plan() and combine()
+    actually give on a loss with unit directional derivative (L(+-a) = +-a), over 20,000 probe
+    keys (tolerance 5 standard errors)."""
+    est = KernelSPSA(1e-3, order=order, normalization=normalization, schedule="linear", s0=1.0,
+                     shrink_steps=100, s_min=1e-4)
+    step = round((1.0 - s) * 100)
+    r = (np.arange(200_000) + 0.5) / 100_000 - 1.0
+    kernel = np.vectorize(KERNELS[order])
+    gain = r * kernel(r) if normalization == "paper" else 4.0 * (s * r) * kernel(s * r)
+    mean, second = est.gain_moments(step)
+    assert mean == pytest.approx(float(np.mean(gain)), rel=1e-6, abs=1e-9)
+    assert second == pytest.approx(float(np.mean(gain**2)), rel=1e-6)
+    applied = []
+    for key in range(20_000):
+        plan = est.plan(lambda j, k=key: k, step=step)
+        (_, a), = plan.points[0]
+        applied.append(est.combine(plan, [a, -a], step=step).terms[0][1])
+    applied = np.array(applied)
+    n = len(applied)
+    assert abs(applied.mean() - mean) < 5 * applied.std() / math.sqrt(n)
+    assert abs((applied**2).mean() - second) < 5 * (applied**2).std() / math.sqrt(n)
+    if normalization == "paper":
+        assert mean == pytest.approx(1.0, abs=1e-12)
+        assert second == pytest.approx({1: 1.8, 3: 6.25, 5: 13.2512}[order], rel=1e-4)
+
+
+@pytest.mark.parametrize("trainable", ["full", "lora"])
+def test_cli_default_lr_keeps_mezos_descent_margin_for_a_kernel(trainable):
+    """A kernel estimator's default lr is MeZO's times E[g]/E[g^2] (1/6.25 for the order-3
+    kernel), rounded to 3 significant figures: for the kerzoo preset, for --kernel-* options on
+    another method, not with --estimator spsa."""
+    from zotune.config import DEFAULT_LR, TrainConfig
+
+    def lr(**flat):
+        return TrainConfig.from_flat(trainable=trainable, **flat).resolved().method.lr
+
+    mezo = DEFAULT_LR[trainable]
+    assert lr(method="mezo") == mezo
+    assert lr(method="kerzoo") == pytest.approx(mezo / 6.25, rel=5e-3)
+    assert lr(method="mezo", estimator="kernel") == pytest.approx(mezo / 6.25, rel=5e-3)
+    assert lr(method="dizo", kernel_order=1) == pytest.approx(mezo / 1.8, rel=5e-3)
+    assert lr(method="kerzoo", estimator="spsa") == mezo
+    assert lr(method="kerzoo-code") == pytest.approx(mezo * 4 / 100, rel=5e-3)  # code scale 4
+    assert lr(method="kerzoo", lr=0.5) == 0.5

@@ -49,17 +49,44 @@ DEFAULT_EPS = {"full": 1e-3, "lora": 1e-2, "prefix": 1e-1, "pattern": 1e-3}
 FZOO_STEP = {"full": 3e-3, "lora": 3e-2, "prefix": 3e-2, "pattern": 3e-3}
 
 
-def default_lr(method: str, scheme: str, eps: float) -> float:
-    """The lr a run of ``method`` on the ``scheme`` parameters gets when none is given: FZOO's step
-    length for a preset with FZOO's normalised estimator (times eps in the paper's form, whose
-    step carries 1/eps), MeZO's lr by scheme for every other."""
+def default_lr(method: str, scheme: str, eps: float, *, kernel: dict | None = None,
+               estimator: str | None = None) -> float:
+    r"""The lr a run of ``method`` on the ``scheme`` parameters gets when none is given.
+
+    * FZOO's normalised estimator: FZOO's step length (times eps in the paper's form, whose step
+      carries 1/eps).
+    * A kernel-weighted estimator (KerZOO's: the preset's, or ``kernel`` options on any method):
+      MeZO's lr times :math:`E[g] / E[g^2]` of the kernel's first-order gain g
+      (``KernelSPSA.gain_moments``; MeZO's g = 1). In the descent lemma
+      :math:`E[L'] \le L - \eta E[g] \|\nabla L\|^2 + \tfrac{\beta}{2} \eta^2 E[g^2] C`
+      (C: MeZO's second-moment term), the best and the largest stable lr scale as
+      E[g] / E[g^2], so this keeps MeZO's margin: 1/6.25 for the order-3 kernel. At MeZO's lr
+      SST-2 LoRA diverged on both seeds, and at 1/2.5 of it (the same RMS step) on one
+      (docs/benchmarks.md, methods benchmark).
+    * Every other estimator: MeZO's lr by scheme.
+
+    ``kernel``: options that turn the estimator into KerZOO's (``{}``: its defaults), None for
+    the preset's own; ``estimator="spsa"`` is plain SPSA whatever the preset."""
     from ..methods import METHODS
 
-    fzoo = METHODS.get(method, {}).get("fzoo")
-    if fzoo is None:
-        return DEFAULT_LR.get(scheme, DEFAULT_LR["full"])
-    step = FZOO_STEP.get(scheme, FZOO_STEP["full"])
-    return step if fzoo["scale"] == "code" else step * eps
+    preset = METHODS.get(method, {})
+    kernel_on = estimator == "kernel" or kernel is not None or ("kernel" in preset and estimator != "spsa")
+    fzoo = preset.get("fzoo")
+    if fzoo is not None and not kernel_on and estimator is None:
+        step = FZOO_STEP.get(scheme, FZOO_STEP["full"])
+        return step if fzoo["scale"] == "code" else step * eps
+    lr = DEFAULT_LR.get(scheme, DEFAULT_LR["full"])
+    if not kernel_on:
+        return lr
+    from ..estimators.kernel import KernelSPSA
+
+    try:
+        spsa = KernelSPSA(eps, **{**preset.get("kernel", {}), **(kernel or {})})
+    except (TypeError, ValueError):
+        return lr  # bad kernel options: the estimator reports them when the run builds it
+    mean, second = spsa.gain_moments()
+    return float(f"{lr * mean / second:.3g}")  # 4.8e-06, not 4.7999...e-06
+
 
 FIXED = "fixed"
 """The setting changes what the run computes: a resumed run must keep it."""
@@ -320,7 +347,8 @@ class MethodConfig:
                         choices=_methods)
     lr: float | None = setting(None, "learning rate", default_text=_default_by_scheme(DEFAULT_LR)
                                + "; fzoo-code: " + ", ".join(f"{k} {v:g}" for k, v in FZOO_STEP.items())
-                               + "; fzoo: that times eps")
+                               + "; fzoo: that times eps; a kernel estimator (kerzoo): "
+                               "MeZO's times E[g]/E[g^2] of its gain (1/6.25 for order 3)")
     eps: float | None = setting(None, "perturbation scale",
                                 default_text=_default_by_scheme(DEFAULT_EPS))
     num_probes: int | None = setting(None, "directions per step (n-SPSA)",
@@ -590,7 +618,9 @@ class TrainConfig:
         if cfg.method.eps is None:
             cfg.method.eps = DEFAULT_EPS.get(scheme, 1e-3)
         if cfg.method.lr is None:
-            cfg.method.lr = default_lr(cfg.method.name, scheme, cfg.method.eps)
+            cfg.method.lr = default_lr(cfg.method.name, scheme, cfg.method.eps,
+                                       kernel=_set_options(cfg.method.kernel) or None,
+                                       estimator=cfg.method.estimator)
         cfg.validate()
         return cfg
 
