@@ -289,15 +289,18 @@ def summarise(records, args, timings=()):
 
 
 def timing_table(rows):
+    """The side-by-side step times, each against MeZO's step on the same task and parameters."""
     if not rows:
         return ""
-    mezo = next((r["step_s"] for r in rows if r["timing"] == "mezo"), None)
+    where = lambda r: (r.get("task", "sst2"), r["trainable"])  # noqa: E731 (old rows: SST-2)
+    mezo = {where(r): r["step_s"] for r in rows if r["timing"] == "mezo"}
     out = ["\n### Step time, side by side (`--timing-steps`)\n",
-           "| method | s per step | ratio to MeZO's step | forward passes per step | s per forward pass "
-           "| random numbers per step |", "|---|---|---|---|---|---|"]
+           "| method (task, parameters) | s per step | ratio to MeZO's step there | forward passes per step "
+           "| s per forward pass | random numbers per step |", "|---|---|---|---|---|---|"]
     for r in rows:
-        ratio = f"{r['step_s'] / mezo:.2f}" if mezo else ""
-        out.append(f"| {r['timing']} ({r['trainable']}) | {r['step_s']:.2f} | {ratio} | "
+        base = mezo.get(where(r))
+        ratio = f"{r['step_s'] / base:.2f}" if base else ""
+        out.append(f"| {r['timing']} ({', '.join(where(r))}) | {r['step_s']:.2f} | {ratio} | "
                    f"{r['forwards_per_step']:.0f} | {r['step_s'] / r['forwards_per_step']:.2f} | "
                    f"{r['numbers_per_step']:.3g} |")
     return "\n".join(out) + "\n\nDiZO's search (20 forward passes every 50 steps) is not in the step time.\n"

@@ -60,8 +60,9 @@ def default_lr(method: str, scheme: str, eps: float, *, kernel: dict | None = No
       (``KernelSPSA.gain_moments``; MeZO's g = 1). In the descent lemma
       :math:`E[L'] \le L - \eta E[g] \|\nabla L\|^2 + \tfrac{\beta}{2} \eta^2 E[g^2] C`
       (C: MeZO's second-moment term), the best and the largest stable lr scale as
-      E[g] / E[g^2], so this keeps MeZO's margin: 1/6.25 for the order-3 kernel. At MeZO's lr
-      SST-2 LoRA diverged on both seeds, and at 1/2.5 of it (the same RMS step) on one
+      E[g] / E[g^2], so this keeps MeZO's margin: 1/6.25 for the order-3 kernel. On SST-2 LoRA
+      KerZOO diverged on both seeds at MeZO's lr and ended above its start at 1/2.5 of it (the
+      same RMS step); at this default it is stable, though flat over 144 forward passes
       (docs/benchmarks.md, methods benchmark).
     * Every other estimator: MeZO's lr by scheme.
 
