@@ -181,9 +181,8 @@ def speedup(points, mezo, key):
     of the method's is worth, on test loss, for one seed.
 
     If the method reaches MeZO's final loss and stays there (:func:`_first_reach`): MeZO's total
-    over the method's at that point
-    (> 1: faster). If not: what MeZO needed to reach the method's final loss over the method's
-    total (< 1). None where it cannot be read off (MeZO never reaches the method's final loss)."""
+    over the method's at that point (> 1: faster). If not: what MeZO needed to reach the method's
+    final loss over the method's total (< 1). None where it cannot be read off (MeZO never reaches the method's final loss)."""
     target = mezo[-1]["test_loss"]
     hit = _first_reach(points, target)
     if hit is not None:
@@ -392,9 +391,9 @@ def main():
             f"a kernel estimator (column lr); test loss "
             f"(cross-entropy of the gold candidate) and accuracy on the first {args.test_size} test examples, "
             f"evaluated every {args.eval_every} forward passes. Wall-clock is training time only. Speed-up per "
-            "forward pass, per seed: where the method reaches MeZO's final test loss and stays at or below "
-            "it to the end (same seed, same batches), MeZO's forward passes over the method's at that point; where it does not, the forward "
-            "passes MeZO needed to reach the method's final loss (interpolated) over the method's. Per second: "
+            "forward pass, per seed: where the method reaches MeZO's final test loss and stays at or "
+            "below it to the end (same seed, same batches), MeZO's forward passes over the method's at "
+            "that point; where it does not, the forward passes MeZO needed to reach the method's final loss (interpolated) over the method's. Per second: "
             "the same with seconds, each run's forward passes times its method's s per forward pass measured "
             "side by side (`--timing-steps`, table below) where those exist, else its own training seconds. "
             f"Baseline: `{args.baseline}`" + (f"; eval points up to {args.upto} forward passes" if args.upto else "")

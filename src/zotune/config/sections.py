@@ -67,26 +67,27 @@ def default_lr(method: str, scheme: str, eps: float, *, kernel: dict | None = No
     * Every other estimator: MeZO's lr by scheme.
 
     ``kernel``: options that turn the estimator into KerZOO's (``{}``: its defaults), None for
-    the preset's own; ``estimator="spsa"`` is plain SPSA whatever the preset."""
-    from ..methods import METHODS
+    the preset's own; ``estimator="spsa"`` is plain SPSA whatever the preset. Which estimator the
+    run gets is :func:`zotune.methods.make_estimator`'s answer, the one the run builds."""
+    from ..estimators import FZOO, KernelSPSA
+    from ..methods import METHODS, make_estimator
 
-    preset = METHODS.get(method, {})
-    kernel_on = estimator == "kernel" or kernel is not None or ("kernel" in preset and estimator != "spsa")
-    fzoo = preset.get("fzoo")
-    if fzoo is not None and not kernel_on and estimator is None:
-        step = FZOO_STEP.get(scheme, FZOO_STEP["full"])
-        return step if fzoo["scale"] == "code" else step * eps
     lr = DEFAULT_LR.get(scheme, DEFAULT_LR["full"])
-    if not kernel_on:
+    if estimator == "spsa":
         return lr
-    from ..estimators.kernel import KernelSPSA
-
+    if estimator == "kernel" and kernel is None:
+        kernel = {}
     try:
-        spsa = KernelSPSA(eps, **{**preset.get("kernel", {}), **(kernel or {})})
-    except (TypeError, ValueError):
-        return lr  # bad kernel options: the estimator reports them when the run builds it
-    mean, second = spsa.gain_moments()
-    return float(f"{lr * mean / second:.3g}")  # 4.8e-06, not 4.7999...e-06
+        built = make_estimator(METHODS.get(method, {}), eps, None, False, kernel)
+    except ValueError:
+        return lr  # bad options: the run reports them when it builds the estimator
+    if isinstance(built, FZOO):
+        step = FZOO_STEP.get(scheme, FZOO_STEP["full"])
+        return step if built.scale == "code" else step * eps
+    if isinstance(built, KernelSPSA):
+        mean, second = built.gain_moments()
+        return float(f"{lr * mean / second:.3g}")  # 4.8e-06, not 4.7999...e-06
+    return lr
 
 
 FIXED = "fixed"

@@ -156,8 +156,9 @@ class KernelSPSA:
         mean = second = 0.0
         for r, weight in zip(nodes, weights):
             a, w = self._point_and_weight(float(r), s)
-            mean += 0.5 * weight * 2.0 * a * w
-            second += 0.5 * weight * (2.0 * a * w) ** 2
+            gain = 2.0 * a * w
+            mean += 0.5 * weight * gain
+            second += 0.5 * weight * gain * gain
         return mean, second
 
     def _per_probe(self, key: int, step: int, which: int):
