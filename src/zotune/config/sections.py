@@ -34,8 +34,8 @@ ESTIMATORS = ("spsa", "kernel")
 PROJECTIONS = ("none", "dizo", "dizo-fo")
 # Per-scheme defaults: MeZO's eps (research/mezo_zobench.md, section 3.1) and lr; full and pattern
 # lr measured on the default model, SmolLM2-135M: in 40 steps 3e-5 lowers the test loss beyond its
-# sampling error on SST-2, COPA, RTE and MultiRC, not yet on CB, WSC, WiC and BoolQ (no lr tried
-# does; docs/benchmarks.md, "Do the CLI's defaults learn?"); MeZO's 1e-6 is OPT-13B's, for 20k
+# sampling error on SST-2, COPA, RTE, MultiRC, SQuAD and WiC, not yet on CB, WSC and BoolQ (no lr
+# tried does; docs/benchmarks.md, "Do the CLI's defaults learn?"); MeZO's 1e-6 is OPT-13B's, for 20k
 # steps. The stable lr of ZO-SGD falls about as 1/d with the
 # number d of trained parameters, so a larger model wants about 3e-5 * 135M / d (OPT-13B: 3e-7,
 # inside MeZO's 1e-7..1e-6). LoRA (r 8 on q and v): 3e-3 from the sweep on SST-2's dev split
