@@ -75,7 +75,7 @@ def run_task(args, name: str) -> dict:
             "trainable": cfg.model.trainable, "lr": m.lr, "eps": m.eps, "num_probes": m.num_probes or 1,
             "batch_size": d.batch_size, "seed": cfg.run.seed, "steps": args.steps,
             "forward_passes": opt.forward_passes, "skipped_steps": opt.skipped_steps,
-            "test_examples": len(test), "loss_before": statistics.fmean(before_loss),
+            "train_examples": len(data.train), "test_examples": len(test), "loss_before": statistics.fmean(before_loss),
             "loss_after": statistics.fmean(after_loss), "loss_change": statistics.fmean(diffs),
             "loss_change_se": se, "z": statistics.fmean(diffs) / se if se > 0 else float("nan"),
             "metric_before": before_metric, "metric_after": after_metric,
@@ -135,13 +135,13 @@ def write_table(rows: list[dict], args) -> None:
         "a task learns when z < -2 and the loss falls by at least 1%. The metric (accuracy; SQuAD: F1) is shown beside it; on this "
         "many examples it moves by less than its sampling error.",
         "",
-        "| task | steps | test examples | loss before | loss after | change (SE) | z | learns | metric before | metric after | train s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| task | steps | train examples | test examples | loss before | loss after | change (SE) | z | learns | metric before | metric after | train s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     order = {t: i for i, t in enumerate(TASKS)}
     for r in sorted(rows, key=lambda r: (order.get(r["task"], 99), r["steps"], r["seed"])):
         lr = "" if r["lr"] == DEFAULT_LR[r["trainable"]] else f" (lr {r['lr']:g})"
-        lines.append(f"| {r['task']}{lr} | {r['steps']} | {r['test_examples']} | {r['loss_before']:.4f} | {r['loss_after']:.4f} "
+        lines.append(f"| {r['task']}{lr} | {r['steps']} | {r['train_examples']} | {r['test_examples']} | {r['loss_before']:.4f} | {r['loss_after']:.4f} "
                      f"| {r['loss_change']:+.4f} ({r['loss_change_se']:.4f}) | {r['z']:+.1f} "
                      f"| {'yes' if learns(r) else 'no'} | {r['metric_before']:.1f} | {r['metric_after']:.1f} "
                      f"| {r['train_s']:.0f} |")

@@ -7,13 +7,14 @@ PY=/work/main/.venv/bin/python
 log=benchmarks/logs/defaults.jsonl
 steps=${STEPS:-40}
 lr=${LR:+--lr $LR}  # a diagnostic run away from the default lr
+num_test=${NUM_TEST:-100}
 for task in "$@"; do
   echo "$(date -u +%H:%M:%S) start $task" >&2
-  nice -n 10 $PY benchmarks/defaults.py --tasks "$task" --steps "$steps" --num-test 100 $lr --log "$log" \
+  nice -n 10 $PY benchmarks/defaults.py --tasks "$task" --steps "$steps" --num-test "$num_test" $lr --log "$log" \
     --out /tmp/defaults_table.md < /dev/null
   echo "$(date -u +%H:%M:%S) end $task rc=$?" >&2
   for i in 1 2 3 4 5 6 7 8 9 10; do
-    git add "$log" && git commit -q -m "defaults benchmark: $task ($steps steps at the CLI defaults${LR:+, lr $LR})" -- "$log" && break
+    git add "$log" && git commit -q -m "defaults benchmark: $task ($steps steps at the CLI defaults${LR:+, lr $LR}, $num_test test examples at most)" -- "$log" && break
     sleep 3
   done
 done
