@@ -137,6 +137,7 @@ def test_sparsity_needs_a_coordinate_method():
         ZOOptimizer(mlp(0), method="mezo", sparsity=0.5)
 
 
+@pytest.mark.slow  # 14 s; fast: the CLI trains CGE and DeepZero in test_deepzero_protocol
 def test_cli_trains_cge_deepzero_and_rge_on_a_small_cnn(tmp_path, capsys):
     import json
 

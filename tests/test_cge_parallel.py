@@ -118,6 +118,7 @@ def test_data_parallel_modes_are_refused_for_coordinate_methods():
         ZOOptimizer(_model(), method="deepzero", sparsity=0.5, parallel="2d")
 
 
+@pytest.mark.slow  # 23 s; fast: the sharded CGE step equals one process bitwise (above)
 def test_torchrun_pertp_image_recipe_equals_one_process(tmp_path):
     """``torchrun --nproc-per-node 2 -m zotune train --task fashion-mnist ... --method cge
     --parallel pertp``: rank 0 writes the run; its parameters, losses and accuracy are the

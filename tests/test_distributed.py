@@ -249,6 +249,7 @@ def test_the_offload_engine_runs_distributed_unchanged(tiny_dir, data_dir, tmp_p
     assert a_losses == b_losses and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow  # 13 s; fast: a killed rank ends the others; SIGTERM in one process in test_run_safety
 def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(tiny_dir, data_dir, tmp_path):
     """The stop flag is gathered each step: rank 0 saves the step every rank stopped at."""
     import signal

@@ -200,6 +200,7 @@ def test_the_optimizer_passes_moves_to_a_batched_objective_and_counts_its_querie
     assert sum(p for _, p in objective.groups) == size and max(p for _, p in objective.groups) == 5
 
 
+@pytest.mark.slow  # 12 s; fast: test_cli_no_query_exact runs the CLI with query batching
 def test_cli_query_batch(tmp_path, capsys):
     import json
 

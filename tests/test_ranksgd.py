@@ -213,7 +213,7 @@ def final_f(m, k, line_search, seed, oracle=ByValue):
     return f(), oracle
 
 
-@pytest.mark.parametrize("line_search", [False, True])
+@pytest.mark.parametrize("line_search", [False, pytest.param(True, marks=pytest.mark.slow)])  # True: ~10 s
 def test_quadratic_lands_in_the_notes_ranges(line_search):
     got = {}
     for (m, k), expected in A8.items():

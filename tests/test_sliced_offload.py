@@ -123,6 +123,7 @@ def test_sliced_2d_on_two_nodes_of_two_ranks(tmp_path):
     check_mode(tmp_path, "2d", 4, names, {"pertp loss gather": 8, "dp loss gather": 16}, node=2)
 
 
+@pytest.mark.slow  # 34 s; fast: sliced == unsliced here, resume on another world size in test_distributed
 def test_a_sliced_run_resumes_bitwise_on_another_world_size_and_under_every_mode(tiny_dir, data_dir, tmp_path):
     """3 steps of pertp on 2 ranks (disk slices), a 4th under 2d on the same 2 ranks, steps 5-6 in
     one process (host-memory slices): bitwise the uninterrupted 6 steps of the in-memory engine
