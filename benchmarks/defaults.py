@@ -14,6 +14,13 @@ two standard errors of the paired differences (z = mean(after - before) / SE < -
 One JSON line per task is appended to ``--log`` (runs can be split; ``--from-log`` rebuilds the
 table in docs/benchmarks.md).
 
+A run longer than one sitting is split with ``--segment-s`` (or ``--segment-steps``): the segment
+stops at a step boundary and saves the run's progress to ``--progress-dir`` as the losses of every
+step, a few bytes per step, instead of the 0.5 GB of parameters. The same command continues it:
+the saved steps are replayed (the same perturbations and updates, the logged losses in place of
+the forward passes, so bitwise the uninterrupted run, checked by a parameter checksum) and the
+run goes on. The progress file is small enough to commit between sittings.
+
     python benchmarks/defaults.py --data-dir ../shared/data --steps 40 --log benchmarks/logs/defaults.jsonl
 """
 from __future__ import annotations
@@ -33,12 +40,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from step_speed import write_section  # noqa: E402
 
 from zotune.config import DEFAULT_LR, TrainConfig  # noqa: E402
+from zotune.feedback import Losses  # noqa: E402
 from zotune.train import (BatchSampler, build, evaluate, load_data, load_task, make_optimizer,  # noqa: E402
                           objective_fn)
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ["sst2", "rte", "cb", "boolq", "wsc", "wic", "multirc", "copa", "squad"]
 IMAGE_TASKS = ["fashion-mnist", "cifar10"]
+SAVE_EVERY_S = 600  # a split run also saves its progress this often, so a killed segment loses little
 
 
 @torch.no_grad()
@@ -47,8 +56,48 @@ def per_example_losses(loss_of, examples) -> list[float]:
     return [float(loss_of([ex])) for ex in examples]
 
 
-def run_task(args, name: str) -> dict:
+@torch.no_grad()
+def train_step(opt, objective, values=None) -> tuple[float, list[list[float]], int]:
+    """One step through ask/tell: every query's points evaluated by the engine (the perturbation,
+    the restore and a held update are the engine's, as in ``opt.step``). With ``values`` (a step
+    recorded earlier, one list per query) the objective returns them instead of running forward
+    passes: a replay, bitwise the recorded step. Returns the step's loss, its recorded losses and
+    the forward passes it stands for."""
+    recorded, passes = [], 0
+    while (query := opt.ask()) is not None:
+        if query.kind != "losses":
+            raise SystemExit(f"defaults.py: the method asks for {query.kind!r}; only 'losses' steps "
+                             "can be recorded and replayed")
+        if values is None:
+            losses = opt.evaluate(query, objective)
+        else:
+            given = iter(values[len(recorded)])
+            losses = opt.evaluate(query, lambda g=given: torch.tensor(next(g)))
+        recorded.append([float(v) for v in losses])
+        passes += query.num_points
+        opt.tell(Losses(recorded[-1]))
+    return opt.core.last_result, recorded, passes
+
+
+def checksum(params: dict) -> list[float]:
+    """Sum and sum of squares of every trained tensor (float64): a replay that is not bitwise the
+    recorded run shows here."""
+    flat = [p.detach().double() for p in params.values()]
+    return [float(sum(t.sum() for t in flat)), float(sum((t * t).sum() for t in flat))]
+
+
+def progress_path(args, name: str) -> Path:
+    """Where a split run of ``name`` with these arguments keeps its progress."""
+    lr = "" if args.lr is None else f"-lr{args.lr:g}"
+    return Path(args.progress_dir) / (f"{name}-{args.steps}steps-seed{args.seed}-{args.held_out}"
+                                      f"-n{args.num_test}{lr}.json")
+
+
+def run_task(args, name: str) -> dict | None:
+    """One task's check; None when a segment stopped before the last step (progress saved)."""
     extra = {"lr": args.lr} if args.lr is not None else {}
+    if args.model:
+        extra["model"] = args.model
     cfg = TrainConfig.from_flat(task=name, data_dir=args.data_dir, steps=args.steps, seed=args.seed,
                                 num_test=args.num_test, output_dir=os.devnull, **extra).resolved()
     d, m = cfg.data, cfg.method
@@ -60,15 +109,58 @@ def run_task(args, name: str) -> dict:
     # Dev is held out from these runs as test is (nothing selects on it), so a task whose test
     # split is small (CB 56, WSC 104) can be checked on both.
     test = data.test + (data.dev if args.held_out == "test+dev" else [])
-    before_loss = per_example_losses(loss_of, test)
-    before_metric = evaluate(scorer, task, test, d.eval_batch_size)
+    saved_at = progress_path(args, name)
+    settings = {"model": cfg.model.name, "method": m.name, "lr": m.lr, "eps": m.eps,
+                "num_probes": m.num_probes or 1, "batch_size": d.batch_size}
+    if saved_at.exists():
+        saved = json.loads(saved_at.read_text())
+        if saved["settings"] != settings:
+            raise SystemExit(f"defaults.py: {saved_at} was recorded with {saved['settings']}, this run "
+                             f"has {settings}; delete it to start over")
+        for values in saved["losses"]:
+            train_step(opt, None, values)
+        opt.flush()
+        if checksum(params) != saved["checksum"]:
+            raise SystemExit(f"defaults.py: replaying {saved_at} did not reproduce its parameters "
+                             f"({checksum(params)} != {saved['checksum']}); delete it to start over")
+        print(f"{name}: replayed {len(saved['losses'])} steps from {saved_at}", flush=True)
+    else:
+        before = per_example_losses(loss_of, test)
+        saved = {"settings": settings, "losses": [], "train_losses": [], "forward_passes": 0,
+                 "train_s": 0.0, "loss_before": before,
+                 "metric_before": evaluate(scorer, task, test, d.eval_batch_size)}
+    before_loss, before_metric = saved["loss_before"], saved["metric_before"]
     sampler = BatchSampler(len(data.train), d.batch_size, cfg.run.seed)
-    start, train_losses = time.perf_counter(), []
-    for step in range(args.steps):
+    start, done_before, train_s_before = time.perf_counter(), len(saved["losses"]), saved["train_s"]
+    last_save = start
+
+    def save():
+        # flush is exact (it applies the held update the next move would have fused), so saving
+        # mid-run leaves the trajectory bitwise unchanged
+        opt.flush()
+        saved.update(checksum=checksum(params), train_s=train_s_before + time.perf_counter() - start)
+        saved_at.parent.mkdir(parents=True, exist_ok=True)
+        tmp = saved_at.with_suffix(".tmp")
+        tmp.write_text(json.dumps(saved))
+        tmp.replace(saved_at)  # a run killed while saving keeps the previous progress
+
+    for step in range(done_before, args.steps):
+        now = time.perf_counter()
+        if step > done_before and ((args.segment_s and now - start >= args.segment_s)
+                                   or (args.segment_steps and step - done_before >= args.segment_steps)):
+            save()
+            print(f"{name}: stopped after {step} of {args.steps} steps; progress in {saved_at}", flush=True)
+            return None
+        if step > done_before and args.segment_s and now - last_save >= SAVE_EVERY_S:
+            save()
+            last_save = now
         batch = [data.train[i] for i in sampler.indices(step)]
-        train_losses.append(float(opt.step(lambda b=batch: loss_of(b))))
+        loss, recorded, passes = train_step(opt, lambda b=batch: loss_of(b))
+        saved["losses"].append(recorded)
+        saved["train_losses"].append(float(loss))
+        saved["forward_passes"] += passes
     opt.flush()
-    train_s = time.perf_counter() - start
+    train_s, train_losses = train_s_before + time.perf_counter() - start, saved["train_losses"]
     after_loss = per_example_losses(loss_of, test)
     after_metric = evaluate(scorer, task, test, d.eval_batch_size)
     diffs = [a - b for a, b in zip(after_loss, before_loss)]
@@ -76,7 +168,7 @@ def run_task(args, name: str) -> dict:
     return {"task": name, "metric": task.metric, "method": m.name, "direction": m.direction_name(),
             "trainable": cfg.model.trainable, "lr": m.lr, "eps": m.eps, "num_probes": m.num_probes or 1,
             "batch_size": d.batch_size, "seed": cfg.run.seed, "steps": args.steps,
-            "forward_passes": opt.forward_passes, "skipped_steps": opt.skipped_steps,
+            "forward_passes": saved["forward_passes"], "skipped_steps": opt.skipped_steps,
             "train_examples": len(data.train), "test_examples": len(test), "held_out": args.held_out,
             "loss_before": statistics.fmean(before_loss),
             "loss_after": statistics.fmean(after_loss), "loss_change": statistics.fmean(diffs),
@@ -133,7 +225,7 @@ def write_table(rows: list[dict], args) -> None:
         f"SmolLM2-135M, method {r0['method']} ({r0['direction']} directions, {r0['num_probes']} probe), "
         f"{r0['trainable']} parameters, lr {DEFAULT_LR[r0['trainable']]:g} (a row at another lr is a "
         f"diagnostic, marked), eps {r0['eps']:g}, batch {r0['batch_size']}, "
-        f"seed {r0['seed']}; MeZO's data protocol. Loss: the training objective per held-out example "
+        "seed 0 (a row at another seed is marked); MeZO's data protocol. Loss: the training objective per held-out example "
         "(the test sample; marked test+dev: it and the dev split, which these runs do not use either), "
         "before and after; z: the mean change over its standard error (paired over the examples); "
         "a task learns when z < -2 and the loss falls by at least 1%. The metric (accuracy; SQuAD: F1) is shown beside it; on this "
@@ -145,6 +237,7 @@ def write_table(rows: list[dict], args) -> None:
     order = {t: i for i, t in enumerate(TASKS)}
     for r in sorted(rows, key=lambda r: (order.get(r["task"], 99), r["steps"], r["seed"])):
         lr = "" if r["lr"] == DEFAULT_LR[r["trainable"]] else f" (lr {r['lr']:g})"
+        lr += "" if r["seed"] == 0 else f" (seed {r['seed']})"
         dev = " (test+dev)" if r.get("held_out") == "test+dev" else ""
         lines.append(f"| {r['task']}{lr} | {r['steps']} | {r['train_examples']} | {r['test_examples']}{dev} | {r['loss_before']:.4f} | {r['loss_after']:.4f} "
                      f"| {r['loss_change']:+.4f} ({r['loss_change_se']:.4f}) | {r['z']:+.1f} "
@@ -179,6 +272,10 @@ def main():
     p.add_argument("--num-test", type=int, default=100)
     p.add_argument("--held-out", choices=["test", "test+dev"], default="test",
                    help="the examples the loss is checked on: the test sample, or it and the dev split")
+    p.add_argument("--model", help="a local model directory instead of the CLI's default (tests: a tiny one)")
+    p.add_argument("--segment-s", type=float, help="stop after this many seconds of training, saving progress")
+    p.add_argument("--segment-steps", type=int, help="stop after this many steps, saving progress")
+    p.add_argument("--progress-dir", default=str(ROOT / "benchmarks" / "logs" / "defaults_progress"))
     p.add_argument("--log", default=str(ROOT / "benchmarks" / "logs" / "defaults.jsonl"))
     p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     p.add_argument("--from-log", action="store_true", help="only rebuild the table from --log")
@@ -186,9 +283,13 @@ def main():
     if not args.from_log:
         for name in args.tasks:
             row = run_image_task(args, name) if name in IMAGE_TASKS else run_task(args, name)
+            if row is None:  # a segment stopped; the same command continues it
+                continue
             print(json.dumps(row), flush=True)
             with open(args.log, "a") as f:
                 f.write(json.dumps(row) + "\n")
+            if name not in IMAGE_TASKS:  # the row holds all of it now
+                progress_path(args, name).unlink(missing_ok=True)
     log = Path(args.log)
     rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
     write_table(rows, args)
