@@ -219,7 +219,9 @@ def write_table(rows: list[dict], args) -> None:
         "",
         "Command: `python benchmarks/defaults.py --data-dir ../shared/data --steps N --tasks T "
         "--log benchmarks/logs/defaults.jsonl` (N: the steps column; `benchmarks/logs/run_defaults.sh` "
-        "runs one task per invocation and commits the log; the table from `--from-log`)",
+        "runs one task per invocation and commits the log; the table from `--from-log`; a run longer "
+        "than one sitting takes `--segment-s S` and the same command continues it from "
+        "`benchmarks/logs/defaults_progress/`)",
         "",
         "`zotune train --task T --steps N` with every other setting at its default: "
         f"SmolLM2-135M, method {r0['method']} ({r0['direction']} directions, {r0['num_probes']} probe), "
