@@ -105,10 +105,10 @@ def run_task(args, name: str) -> dict | None:
     data = load_data(cfg, task)
     model, _, scorer, params = build(cfg, task)
     loss_of = objective_fn(cfg, task, scorer)
+    if args.backprop is not None:
+        return backprop_row(args, name, cfg, task, data, scorer, loss_of, params)
     opt = make_optimizer(cfg, model, params)
-    # Dev is held out from these runs as test is (nothing selects on it), so a task whose test
-    # split is small (CB 56, WSC 104) can be checked on both.
-    test = data.test + (data.dev if args.held_out == "test+dev" else [])
+    test = held_out(args, data)
     saved_at = progress_path(args, name)
     settings = {"model": cfg.model.name, "method": m.name, "lr": m.lr, "eps": m.eps,
                 "num_probes": m.num_probes or 1, "batch_size": d.batch_size}
@@ -129,7 +129,6 @@ def run_task(args, name: str) -> dict | None:
         saved = {"settings": settings, "losses": [], "train_losses": [], "forward_passes": 0,
                  "train_s": 0.0, "loss_before": before,
                  "metric_before": evaluate(scorer, task, test, d.eval_batch_size)}
-    before_loss, before_metric = saved["loss_before"], saved["metric_before"]
     sampler = BatchSampler(len(data.train), d.batch_size, cfg.run.seed)
     start, done_before, train_s_before = time.perf_counter(), len(saved["losses"]), saved["train_s"]
     last_save = start
@@ -160,15 +159,59 @@ def run_task(args, name: str) -> dict | None:
         saved["train_losses"].append(float(loss))
         saved["forward_passes"] += passes
     opt.flush()
-    train_s, train_losses = train_s_before + time.perf_counter() - start, saved["train_losses"]
+    row = {"method": m.name, "direction": m.direction_name(), "lr": m.lr, "eps": m.eps,
+           "num_probes": m.num_probes or 1, "forward_passes": saved["forward_passes"],
+           "skipped_steps": opt.skipped_steps}
+    return finish_row(args, name, cfg, task, data, scorer, loss_of, saved,
+                      train_s_before + time.perf_counter() - start, row)
+
+
+def held_out(args, data) -> list:
+    # Dev is held out from these runs as test is (nothing selects on it), so a task whose test
+    # split is small (CB 56, WSC 104) can be checked on both.
+    return data.test + (data.dev if args.held_out == "test+dev" else [])
+
+
+def backprop_row(args, name, cfg, task, data, scorer, loss_of, params) -> dict:
+    """The reference a ZO default is judged against: Adam at lr ``args.backprop`` on the gradient
+    of the same objective, same batches and steps, same parameters trained. A task this does not
+    move in N steps cannot be expected to learn from N ZO steps either (a ZO step estimates the
+    gradient's projection on one direction, d times noisier). Not split into segments."""
+    if args.segment_s or args.segment_steps:
+        raise SystemExit("defaults.py: a --backprop run is not split into segments; drop --segment-s/--segment-steps")
+    test = held_out(args, data)
+    with torch.no_grad():
+        saved = {"train_losses": [], "loss_before": per_example_losses(loss_of, test),
+                 "metric_before": evaluate(scorer, task, test, cfg.data.eval_batch_size)}
+    for p in params.values():
+        p.requires_grad_(True)
+    adam = torch.optim.Adam(params.values(), lr=args.backprop)
+    sampler = BatchSampler(len(data.train), cfg.data.batch_size, cfg.run.seed)
+    start = time.perf_counter()
+    for step in range(args.steps):
+        loss = loss_of([data.train[i] for i in sampler.indices(step)])
+        adam.zero_grad(set_to_none=True)
+        loss.backward()
+        adam.step()
+        saved["train_losses"].append(float(loss.detach()))
+    train_s = time.perf_counter() - start
+    for p in params.values():
+        p.requires_grad_(False)
+    row = {"method": "backprop-adam", "direction": None, "lr": args.backprop, "eps": None,
+           "num_probes": None, "forward_passes": args.steps, "skipped_steps": 0}
+    return finish_row(args, name, cfg, task, data, scorer, loss_of, saved, train_s, row)
+
+
+def finish_row(args, name, cfg, task, data, scorer, loss_of, saved, train_s, row) -> dict:
+    """The held-out check after training and the log row (``row``: what the training was)."""
+    test = held_out(args, data)
+    before_loss, before_metric, train_losses = saved["loss_before"], saved["metric_before"], saved["train_losses"]
     after_loss = per_example_losses(loss_of, test)
-    after_metric = evaluate(scorer, task, test, d.eval_batch_size)
+    after_metric = evaluate(scorer, task, test, cfg.data.eval_batch_size)
     diffs = [a - b for a, b in zip(after_loss, before_loss)]
     se = statistics.stdev(diffs) / math.sqrt(len(diffs))
-    return {"task": name, "metric": task.metric, "method": m.name, "direction": m.direction_name(),
-            "trainable": cfg.model.trainable, "lr": m.lr, "eps": m.eps, "num_probes": m.num_probes or 1,
-            "batch_size": d.batch_size, "seed": cfg.run.seed, "steps": args.steps,
-            "forward_passes": saved["forward_passes"], "skipped_steps": opt.skipped_steps,
+    return {"task": name, "metric": task.metric, **row, "trainable": cfg.model.trainable,
+            "batch_size": cfg.data.batch_size, "seed": cfg.run.seed, "steps": args.steps,
             "train_examples": len(data.train), "test_examples": len(test), "held_out": args.held_out,
             "loss_before": statistics.fmean(before_loss),
             "loss_after": statistics.fmean(after_loss), "loss_change": statistics.fmean(diffs),
@@ -213,7 +256,7 @@ def write_table(rows: list[dict], args) -> None:
     rows = [r for r in rows if r["task"] not in IMAGE_TASKS]
     if not rows:
         return
-    r0 = rows[0]
+    r0 = next((r for r in rows if r["method"] != "backprop-adam"), rows[0])
     lines = [
         "## Do the CLI's defaults learn? (`benchmarks/defaults.py`, issue 16)",
         "",
@@ -238,7 +281,10 @@ def write_table(rows: list[dict], args) -> None:
     ]
     order = {t: i for i, t in enumerate(TASKS)}
     for r in sorted(rows, key=lambda r: (order.get(r["task"], 99), r["steps"], r["seed"])):
-        lr = "" if r["lr"] == DEFAULT_LR[r["trainable"]] else f" (lr {r['lr']:g})"
+        if r["method"] == "backprop-adam":
+            lr = f" (backprop, Adam lr {r['lr']:g})"
+        else:
+            lr = "" if r["lr"] == DEFAULT_LR[r["trainable"]] else f" (lr {r['lr']:g})"
         lr += "" if r["seed"] == 0 else f" (seed {r['seed']})"
         dev = " (test+dev)" if r.get("held_out") == "test+dev" else ""
         lines.append(f"| {r['task']}{lr} | {r['steps']} | {r['train_examples']} | {r['test_examples']}{dev} | {r['loss_before']:.4f} | {r['loss_after']:.4f} "
@@ -271,6 +317,8 @@ def main():
     p.add_argument("--image-steps", type=int, default=1000, help="steps of an image task (the CLI's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, help="a diagnostic run away from the default lr (its rows are marked)")
+    p.add_argument("--backprop", type=float, metavar="LR",
+                   help="a reference row: Adam at LR on the objective's gradient instead of the ZO default")
     p.add_argument("--num-test", type=int, default=100)
     p.add_argument("--held-out", choices=["test", "test+dev"], default="test",
                    help="the examples the loss is checked on: the test sample, or it and the dev split")

@@ -18,7 +18,7 @@ _spec.loader.exec_module(bench)
 
 def _args(tiny_dir, data_dir, tmp_path, **over):
     args = {"data_dir": str(data_dir), "model": str(tiny_dir), "steps": 4, "seed": 0, "lr": None,
-            "num_test": 2, "held_out": "test", "segment_s": None, "segment_steps": None,
+            "num_test": 2, "held_out": "test", "segment_s": None, "segment_steps": None, "backprop": None,
             "progress_dir": str(tmp_path / "progress")}
     args.update(over)
     return argparse.Namespace(**args)
@@ -55,3 +55,15 @@ def test_a_replay_that_does_not_reproduce_the_parameters_is_refused(tiny_dir, da
     path.write_text(json.dumps(saved))
     with pytest.raises(SystemExit, match="was recorded with"):
         bench.run_task(split, "sst2")
+
+
+def test_the_backprop_reference_trains_the_same_parameters_on_the_same_batches(tiny_dir, data_dir, tmp_path):
+    # Adam on the gradient of the same objective: the training loss falls within a few steps on
+    # the tiny model, and the parameters are left as the ZO path expects them (no grad)
+    args = _args(tiny_dir, data_dir, tmp_path, steps=10, backprop=1e-2)
+    row = bench.run_task(args, "sst2")
+    assert row["method"] == "backprop-adam" and row["lr"] == 1e-2 and row["forward_passes"] == 10
+    assert row["train_loss_last"] < row["train_loss_first"]
+    assert row["loss_after"] != row["loss_before"]
+    with pytest.raises(SystemExit, match="not split into segments"):
+        bench.run_task(_args(tiny_dir, data_dir, tmp_path, backprop=1e-2, segment_steps=2), "sst2")
