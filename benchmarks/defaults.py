@@ -125,10 +125,9 @@ def run_task(args, name: str) -> dict | None:
                              f"({checksum(params)} != {saved['checksum']}); delete it to start over")
         print(f"{name}: replayed {len(saved['losses'])} steps from {saved_at}", flush=True)
     else:
-        before = per_example_losses(loss_of, test)
+        before, metric = held_out_check(cfg, task, scorer, loss_of, test)
         saved = {"settings": settings, "losses": [], "train_losses": [], "forward_passes": 0,
-                 "train_s": 0.0, "loss_before": before,
-                 "metric_before": evaluate(scorer, task, test, d.eval_batch_size)}
+                 "train_s": 0.0, "loss_before": before, "metric_before": metric}
     sampler = BatchSampler(len(data.train), d.batch_size, cfg.run.seed)
     start, done_before, train_s_before = time.perf_counter(), len(saved["losses"]), saved["train_s"]
     last_save = start
@@ -172,6 +171,12 @@ def held_out(args, data) -> list:
     return data.test + (data.dev if args.held_out == "test+dev" else [])
 
 
+@torch.no_grad()
+def held_out_check(cfg, task, scorer, loss_of, test) -> tuple[list[float], float]:
+    """Each held-out example's training loss, and the task's metric on them."""
+    return per_example_losses(loss_of, test), evaluate(scorer, task, test, cfg.data.eval_batch_size)
+
+
 def backprop_row(args, name, cfg, task, data, scorer, loss_of, params) -> dict:
     """The reference a ZO default is judged against: Adam at lr ``args.backprop`` on the gradient
     of the same objective, same batches and steps, same parameters trained. A task this does not
@@ -180,9 +185,8 @@ def backprop_row(args, name, cfg, task, data, scorer, loss_of, params) -> dict:
     if args.segment_s or args.segment_steps:
         raise SystemExit("defaults.py: a --backprop run is not split into segments; drop --segment-s/--segment-steps")
     test = held_out(args, data)
-    with torch.no_grad():
-        saved = {"train_losses": [], "loss_before": per_example_losses(loss_of, test),
-                 "metric_before": evaluate(scorer, task, test, cfg.data.eval_batch_size)}
+    before, metric = held_out_check(cfg, task, scorer, loss_of, test)
+    saved = {"train_losses": [], "loss_before": before, "metric_before": metric}
     for p in params.values():
         p.requires_grad_(True)
     adam = torch.optim.Adam(params.values(), lr=args.backprop)
@@ -206,8 +210,7 @@ def finish_row(args, name, cfg, task, data, scorer, loss_of, saved, train_s, row
     """The held-out check after training and the log row (``row``: what the training was)."""
     test = held_out(args, data)
     before_loss, before_metric, train_losses = saved["loss_before"], saved["metric_before"], saved["train_losses"]
-    after_loss = per_example_losses(loss_of, test)
-    after_metric = evaluate(scorer, task, test, cfg.data.eval_batch_size)
+    after_loss, after_metric = held_out_check(cfg, task, scorer, loss_of, test)
     diffs = [a - b for a, b in zip(after_loss, before_loss)]
     se = statistics.stdev(diffs) / math.sqrt(len(diffs))
     return {"task": name, "metric": task.metric, **row, "trainable": cfg.model.trainable,
