@@ -179,11 +179,18 @@ def held_out_check(cfg, task, scorer, loss_of, test) -> tuple[list[float], float
 
 def backprop_row(args, name, cfg, task, data, scorer, loss_of, params) -> dict:
     """The reference a ZO default is judged against: Adam at lr ``args.backprop`` on the gradient
-    of the same objective, same batches and steps, same parameters trained. A task this does not
+    of the same objective, same batches and steps, same parameters trained (``args.micro_batch``:
+    each batch's gradient accumulated over that many examples at a time). A task this does not
     move in N steps cannot be expected to learn from N ZO steps either (a ZO step estimates the
     gradient's projection on one direction, d times noisier). Not split into segments."""
     if args.segment_s or args.segment_steps:
         raise SystemExit("defaults.py: a --backprop run is not split into segments; drop --segment-s/--segment-steps")
+    kind = task.train_objective if cfg.data.objective == "auto" else cfg.data.objective
+    if args.micro_batch and kind != "classification":
+        # answer_lm averages over the batch's gold tokens, not its examples: equal weights per
+        # micro-batch would change the gradient
+        raise SystemExit(f"defaults.py: --micro-batch needs an objective that is a mean over examples "
+                         f"(classification); {name}'s is {kind!r}")
     test = held_out(args, data)
     before, metric = held_out_check(cfg, task, scorer, loss_of, test)
     saved = {"train_losses": [], "loss_before": before, "metric_before": metric}
@@ -191,18 +198,26 @@ def backprop_row(args, name, cfg, task, data, scorer, loss_of, params) -> dict:
         p.requires_grad_(True)
     adam = torch.optim.Adam(params.values(), lr=args.backprop)
     sampler = BatchSampler(len(data.train), cfg.data.batch_size, cfg.run.seed)
+    micro = args.micro_batch or cfg.data.batch_size
     start = time.perf_counter()
     for step in range(args.steps):
-        loss = loss_of([data.train[i] for i in sampler.indices(step)])
+        batch = [data.train[i] for i in sampler.indices(step)]
         adam.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = 0.0
+        for at in range(0, len(batch), micro):
+            # the batch mean as a weighted sum of micro-batch means: the same gradient, in the
+            # activation memory of `micro` examples
+            part = batch[at:at + micro]
+            share = loss_of(part) * (len(part) / len(batch))
+            share.backward()
+            loss += float(share.detach())
         adam.step()
-        saved["train_losses"].append(float(loss.detach()))
+        saved["train_losses"].append(loss)
     train_s = time.perf_counter() - start
     for p in params.values():
         p.requires_grad_(False)
     row = {"method": "backprop-adam", "direction": None, "lr": args.backprop, "eps": None,
-           "num_probes": None, "forward_passes": args.steps, "skipped_steps": 0}
+           "num_probes": None, "forward_passes": args.steps, "skipped_steps": 0, "micro_batch": micro}
     return finish_row(args, name, cfg, task, data, scorer, loss_of, saved, train_s, row)
 
 
@@ -323,6 +338,9 @@ def main():
     p.add_argument("--lr", type=float, help="a diagnostic run away from the default lr (its rows are marked)")
     p.add_argument("--backprop", type=float, metavar="LR",
                    help="a reference row: Adam at LR on the objective's gradient instead of the ZO default")
+    p.add_argument("--micro-batch", type=int, metavar="K",
+                   help="--backprop only: accumulate each batch's gradient over K examples at a time "
+                        "(the same gradient in less activation memory)")
     p.add_argument("--num-test", type=int, default=100)
     p.add_argument("--held-out", choices=["test", "test+dev"], default="test",
                    help="the examples the loss is checked on: the test sample, or it and the dev split")

@@ -18,7 +18,7 @@ _spec.loader.exec_module(bench)
 
 def _args(tiny_dir, data_dir, tmp_path, **over):
     args = {"data_dir": str(data_dir), "model": str(tiny_dir), "steps": 4, "seed": 0, "lr": None,
-            "num_test": 2, "held_out": "test", "segment_s": None, "segment_steps": None, "backprop": None,
+            "num_test": 2, "held_out": "test", "segment_s": None, "segment_steps": None, "backprop": None, "micro_batch": None,
             "progress_dir": str(tmp_path / "progress")}
     args.update(over)
     return argparse.Namespace(**args)
@@ -67,3 +67,18 @@ def test_the_backprop_reference_trains_the_same_parameters_on_the_same_batches(t
     assert row["loss_after"] != row["loss_before"]
     with pytest.raises(SystemExit, match="not split into segments"):
         bench.run_task(_args(tiny_dir, data_dir, tmp_path, backprop=1e-2, segment_steps=2), "sst2")
+
+
+def test_micro_batches_give_the_backprop_reference_the_whole_batch_gradient(tiny_dir, data_dir, tmp_path, monkeypatch):
+    # a batch of 4 accumulated as micro-batches of 3 and 1 (unequal, so a wrong weight would turn
+    # the gradient, which Adam's scale invariance would hide) is the batch-mean gradient up to fp32
+    # summation order, so the run follows the same path (3 Adam steps; tolerance 1e-5 absolute)
+    real = bench.TrainConfig.from_flat
+    monkeypatch.setattr(bench.TrainConfig, "from_flat", lambda **kw: real(batch_size=4, **kw))
+    whole = bench.run_task(_args(tiny_dir, data_dir, tmp_path, steps=3, backprop=1e-3), "sst2")
+    micro = bench.run_task(_args(tiny_dir, data_dir, tmp_path, steps=3, backprop=1e-3, micro_batch=3), "sst2")
+    assert micro["micro_batch"] == 3 and whole["micro_batch"] == 4
+    for key in ("train_loss_first", "train_loss_last", "loss_after"):
+        assert micro[key] == pytest.approx(whole[key], abs=1e-5), key
+    with pytest.raises(SystemExit, match="mean over examples"):
+        bench.run_task(_args(tiny_dir, data_dir, tmp_path, backprop=1e-3, micro_batch=1), "squad")
