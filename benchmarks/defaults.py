@@ -352,6 +352,8 @@ def main():
     p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     p.add_argument("--from-log", action="store_true", help="only rebuild the table from --log")
     args = p.parse_args()
+    if args.micro_batch is not None and (args.backprop is None or args.micro_batch < 1):
+        p.error(f"--micro-batch {args.micro_batch}: a positive number of examples, for --backprop runs only")
     if not args.from_log:
         for name in args.tasks:
             row = run_image_task(args, name) if name in IMAGE_TASKS else run_task(args, name)
