@@ -42,7 +42,7 @@ from step_speed import write_section  # noqa: E402
 from zotune.config import DEFAULT_LR, TrainConfig  # noqa: E402
 from zotune.feedback import Losses  # noqa: E402
 from zotune.train import (BatchSampler, build, evaluate, load_data, load_task, make_optimizer,  # noqa: E402
-                          objective_fn)
+                          objective_fn, objective_kind)
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ["sst2", "rte", "cb", "boolq", "wsc", "wic", "multirc", "copa", "squad"]
@@ -185,7 +185,7 @@ def backprop_row(args, name, cfg, task, data, scorer, loss_of, params) -> dict:
     gradient's projection on one direction, d times noisier). Not split into segments."""
     if args.segment_s or args.segment_steps:
         raise SystemExit("defaults.py: a --backprop run is not split into segments; drop --segment-s/--segment-steps")
-    kind = task.train_objective if cfg.data.objective == "auto" else cfg.data.objective
+    kind = objective_kind(cfg, task)
     if args.micro_batch and kind != "classification":
         # answer_lm averages over the batch's gold tokens, not its examples: equal weights per
         # micro-batch would change the gradient

@@ -91,9 +91,14 @@ def build(cfg: TrainConfig, task, *, engine_places: bool = False):
     return model, tokenizer, scorer, dict(trainable_parameters(model))
 
 
+def objective_kind(cfg: TrainConfig, task) -> str:
+    """The objective a run trains: the task's own unless ``--objective`` names another."""
+    return task.train_objective if cfg.data.objective == "auto" else cfg.data.objective
+
+
 def objective_fn(cfg: TrainConfig, task, scorer):
     """The training loss of a batch of Examples."""
-    kind = task.train_objective if cfg.data.objective == "auto" else cfg.data.objective
+    kind = objective_kind(cfg, task)
     if kind == "classification":
         return scorer.classification_loss
     if kind == "answer_lm":
